@@ -1,0 +1,188 @@
+"""Every fix RecBole 1.2.1 needs on today's stack (numpy 2, torch >= 2.6, recent scipy, ray 2.6.3).
+
+Applied once by ``import recbole_fmrl``, before RecBole or ray are imported, so user code never sees the
+breakages. Each fix is narrow and idempotent and has a test in ``tests/test_compat.py`` that fails without it.
+pandas 3 is handled by the ``pandas<3`` pin instead (see README: RecBole's Dataset relies on pandas-2
+semantics in several places).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import types
+import warnings
+
+import numpy as np
+import torch
+
+# numpy 2 removed these aliases; RecBole's code (``np.float`` in Dataset._fill_nan, ...) and ray 2.6.3
+# (``np.bool8``) still use them. Only names numpy no longer has are added, so numpy 2's own ``np.bool``
+# and ``np.long`` keep their meaning.
+_NUMPY_ALIASES = {
+    "bool": np.bool_,
+    "bool8": np.bool_,
+    "int": np.int_,
+    "float": np.float64,
+    "float_": np.float64,
+    "complex": np.complex128,
+    "complex_": np.complex128,
+    "object": np.object_,
+    "str": np.str_,
+    "unicode": np.str_,
+    "unicode_": np.str_,
+    "long": np.int_,
+}
+
+
+def _has(module: types.ModuleType, name: str) -> bool:
+    with warnings.catch_warnings():  # numpy warns when asked for an expired alias
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            getattr(module, name)
+        except AttributeError:
+            return False
+    return True
+
+
+def restore_numpy_aliases() -> None:
+    """Define the numpy-1 aliases RecBole and ray still use, where numpy 2 dropped them."""
+    for name, value in _NUMPY_ALIASES.items():
+        if not _has(np, name):
+            setattr(np, name, value)
+
+
+def _patch_recbole_config() -> None:
+    # RecBole's Config.compatibility_settings assigns ``np.float = np.float_`` (AttributeError on numpy 2).
+    from recbole.config import configurator
+
+    configurator.Config.compatibility_settings = lambda self: restore_numpy_aliases()
+
+
+def _dok_update(self, data: dict) -> None:
+    """Bulk insert that RecBole's graph models call; scipy >= 1.15 removed ``dok_matrix._update``."""
+    self._dict.update(data)
+
+
+def _patch_scipy_dok() -> None:
+    import scipy.sparse as sp
+
+    if not hasattr(sp.dok_matrix, "_update"):
+        sp.dok_matrix._update = _dok_update
+
+
+# --- torch >= 2.6: ``torch.load`` defaults to ``weights_only=True``, and RecBole checkpoints pickle the
+# whole Config, so the trainer's best-model reload, resume and ``load_data_and_model`` all fail.
+# Chosen fix (narrow, not the process-wide TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD): only RecBole's trainer and
+# quick_start modules get a ``torch.load`` that unpickles a full object graph, and only for a file this
+# process wrote through RecBole's Trainer or one the caller named explicitly and marked as trusted
+# (``trust_checkpoint``). Every other file goes through torch's safe weights-only loader.
+_TRUSTED: set[str] = set()
+
+
+def trust_checkpoint(path: str | os.PathLike) -> None:
+    """Allow RecBole's loaders to unpickle ``path`` (a checkpoint you or your own run wrote)."""
+    _TRUSTED.add(os.path.realpath(path))
+
+
+def is_trusted(path: str | os.PathLike) -> bool:
+    return os.path.realpath(path) in _TRUSTED
+
+
+def load_recbole_checkpoint(f, map_location=None, **kwargs):
+    """``torch.load`` for RecBole checkpoints: safe load first, full unpickling only for trusted files."""
+    kwargs.pop("weights_only", None)
+    try:
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": RecBole saves with protocol 4
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(f, map_location=map_location, weights_only=True, **kwargs)
+    except pickle.UnpicklingError:
+        if not isinstance(f, (str, os.PathLike)) or not is_trusted(f):
+            raise pickle.UnpicklingError(
+                f"Refusing to unpickle checkpoint {f!s}: it holds Python objects (a RecBole Config) and was "
+                "not written by this run. If you trust the file, call "
+                "recbole_fmrl.compat.trust_checkpoint(path) first, or load it with "
+                "recbole_fmrl.quick_start.load_data_and_model(path), which trusts the file you name."
+            ) from None
+    return torch.load(f, map_location=map_location, weights_only=False, **kwargs)
+
+
+class _TorchWithCheckpointLoad(types.ModuleType):
+    """``torch`` as seen by RecBole's trainer/quick_start modules: everything but ``load`` is torch's."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.load = load_recbole_checkpoint
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+
+def _patch_recbole_checkpoints() -> None:
+    from recbole.trainer import trainer
+
+    if isinstance(trainer.torch, _TorchWithCheckpointLoad):
+        return
+    trainer.torch = _TorchWithCheckpointLoad()
+    save = trainer.Trainer._save_checkpoint
+    resume = trainer.Trainer.resume_checkpoint
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        saved = kwargs.get("saved_model_file", self.saved_model_file)
+        save(self, epoch, verbose=verbose, **kwargs)
+        trust_checkpoint(saved)
+
+    def resume_checkpoint(self, resume_file):
+        trust_checkpoint(resume_file)
+        return resume(self, resume_file)
+
+    trainer.Trainer._save_checkpoint = _save_checkpoint
+    trainer.Trainer.resume_checkpoint = resume_checkpoint
+
+
+def _route_load_data_and_model() -> None:
+    # RecBole's own load_data_and_model calls a bare torch.load (fails on torch >= 2.6) and only knows
+    # RecBole's models; ours trusts the file the caller names and also finds the plugin's models.
+    import recbole.quick_start as package
+    from recbole.quick_start import quick_start
+
+    from recbole_fmrl.quick_start import load_data_and_model
+
+    package.load_data_and_model = load_data_and_model
+    quick_start.load_data_and_model = load_data_and_model
+
+
+# Warnings raised inside RecBole/ray on the pinned stack that a user cannot act on: pkg_resources (ray 2.6.3,
+# hence the setuptools<81 pin), pandas-3 deprecations in RecBole's Dataset (harmless under the pandas<3 pin),
+# RecBole's use of the old GradScaler name.
+_UPSTREAM_WARNINGS = (
+    (UserWarning, "pkg_resources is deprecated"),
+    (
+        FutureWarning,
+        "A value is trying to be set on a copy of a DataFrame or Series through chained assignment",
+    ),
+    (FutureWarning, "using <built-in function len> in Series.agg cannot aggregate"),
+    (FutureWarning, r"`torch.cuda.amp.GradScaler\(args...\)` is deprecated"),
+)
+
+
+def _quiet_upstream_warnings() -> None:
+    for category, message in _UPSTREAM_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+_applied = False
+
+
+def apply() -> None:
+    """Apply every fix once; safe to call again."""
+    global _applied
+    if _applied:
+        return
+    restore_numpy_aliases()
+    _quiet_upstream_warnings()
+    _patch_scipy_dok()
+    _patch_recbole_config()
+    _patch_recbole_checkpoints()
+    _applied = True
+    _route_load_data_and_model()

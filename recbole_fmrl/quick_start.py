@@ -1,0 +1,113 @@
+"""``run_recbole_fmrl``: RecBole's quick start through the plugin's Config, models and trainers.
+
+Built-in RecBole models run through the same function, data and split, which is how benchmarks compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from logging import getLogger
+
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import get_environment, init_logger, init_seed, set_color
+
+from recbole_fmrl import compat
+from recbole_fmrl.config import Config, DatasetNotFoundError
+from recbole_fmrl.utils import UnknownModelError, get_model, get_trainer
+
+
+def run_recbole_fmrl(
+    model: str | None = None,
+    dataset: str | None = None,
+    config_file_list: list[str] | None = None,
+    config_dict: dict | None = None,
+    saved: bool = True,
+) -> dict:
+    """Train and test ``model`` on ``dataset``; returns RecBole's result dict."""
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(sys.argv)
+    logger.info(config)
+
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+
+    environment_tb = get_environment(config)
+    logger.info("The running environment of this training is as follows:\n" + environment_tb.draw())
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    return {
+        "model": config["model"],
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+        "saved_model_file": trainer.saved_model_file if saved else None,
+    }
+
+
+def load_data_and_model(model_file: str):
+    """(config, model, dataset, train_data, valid_data, test_data) from a checkpoint the caller trusts.
+
+    Works for the plugin's models and RecBole's; naming the file is taken as trusting it (it is unpickled).
+    """
+    compat.trust_checkpoint(model_file)
+    checkpoint = compat.load_recbole_checkpoint(model_file, map_location="cpu")
+    config = checkpoint["config"]
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(config)
+
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    return config, model, dataset, train_data, valid_data, test_data
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="run_recbole_fmrl.py",
+        description="Train and evaluate a recbole-fmrl or RecBole model. Any other --key=value overrides "
+        "a RecBole/plugin config key, e.g. --epochs=5 --MAX_ITEM_LIST_LENGTH=10.",
+    )
+    parser.add_argument("--model", "-m", default="fMRLRec", help="model name (plugin or RecBole)")
+    parser.add_argument("--dataset", "-d", default="mm-sample", help="dataset name")
+    parser.add_argument("--config_files", default=None, help="space-separated yaml config files")
+    args, _ = parser.parse_known_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry; RecBole's Config reads the remaining ``--key=value`` pairs from ``sys.argv`` itself."""
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    config_files = args.config_files.split() if args.config_files else None
+    try:
+        result = run_recbole_fmrl(model=args.model, dataset=args.dataset, config_file_list=config_files)
+    except (UnknownModelError, DatasetNotFoundError) as err:
+        logging.shutdown()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    metrics = "  ".join(f"{k}={float(v):.4f}" for k, v in result["test_result"].items())
+    print(f"test result ({result['model']} on {args.dataset}): {metrics}")
+    return 0

@@ -1,0 +1,79 @@
+import filecmp
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FAST
+
+from recbole_fmrl.config import Config, DatasetNotFoundError
+from recbole_fmrl.data import mm_sample
+from recbole_fmrl.quick_start import main, run_recbole_fmrl
+from recbole_fmrl.utils import UnknownModelError, get_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_builtin_sequential_model_trains_through_plugin_entry(in_tmp):
+    result = run_recbole_fmrl("SASRec", "mm-sample", config_dict={**FAST, "checkpoint_dir": str(in_tmp)})
+    assert set(result["test_result"]) >= {"recall@10", "ndcg@10", "mrr@10"}
+    assert 0 <= result["test_result"]["ndcg@10"] <= 1
+
+
+def test_get_model_falls_back_to_recbole():
+    from recbole.model.sequential_recommender.sasrec import SASRec
+
+    assert get_model("SASRec") is SASRec
+
+
+def test_unknown_model_lists_the_available_ones():
+    with pytest.raises(UnknownModelError, match="SASRec") as err:
+        get_model("SASRecc")
+    assert "Did you mean SASRec" in str(err.value)
+
+
+def test_plugin_yaml_loaded_and_user_values_win():
+    config = Config("SASRec", "mm-sample", config_dict={"state": "WARNING"})
+    assert config["MAX_ITEM_LIST_LENGTH"] == 20  # properties/dataset/mm-sample.yaml
+    assert config["train_neg_sample_args"]["distribution"] == "none"  # CE loss: no negative sampling
+    config = Config("SASRec", "mm-sample", config_dict={"state": "WARNING", "MAX_ITEM_LIST_LENGTH": 7})
+    assert config["MAX_ITEM_LIST_LENGTH"] == 7
+
+
+def test_missing_dataset_fails_fast_with_instructions(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="--data_path") as err:
+        Config("SASRec", "amazon-beauty", config_dict={"data_path": str(tmp_path)})
+    assert str(tmp_path / "amazon-beauty") in str(err.value)
+
+
+def test_cli_bad_inputs_exit_nonzero_with_one_message(capsys):
+    assert main(["--model=NoSuchModel", "--dataset=mm-sample"]) == 2
+    assert "Unknown model 'NoSuchModel'" in capsys.readouterr().err
+    assert main(["--model=SASRec", "--dataset=no-such-set"]) == 2
+    assert "Dataset 'no-such-set' not found" in capsys.readouterr().err
+
+
+def test_cli_script_unknown_model_is_quick_and_has_no_traceback():
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "run_recbole_fmrl.py"), "--model=NoSuchModel", "--dataset=ml-100k"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert time.monotonic() - start < 10
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "recbole-fmrl models" in proc.stderr
+
+
+def test_mm_sample_generator_is_deterministic_and_matches_shipped_copy(tmp_path):
+    out = mm_sample.generate(tmp_path / "mm-sample")
+    shipped = REPO / "dataset_atomic" / "mm-sample"
+    for name in ("mm-sample.inter", "mm-sample.item", "images/i0001.png", "images/i0200.png"):
+        assert filecmp.cmp(out / name, shipped / name, shallow=False), name
+    lines = (out / "mm-sample.inter").read_text().splitlines()[1:]
+    assert 3000 <= len(lines) <= 5000
+    assert len({line.split("\t")[0] for line in lines}) == 300
