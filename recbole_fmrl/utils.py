@@ -21,8 +21,11 @@ class UnknownModelError(ValueError):
 def _plugin_model_module(model_name: str):
     for submodule in _SUBMODULES:
         path = f"recbole_fmrl.model.{submodule}.{model_name.lower()}"
-        if importlib.util.find_spec(path) is not None:
-            return importlib.import_module(path)
+        try:
+            if importlib.util.find_spec(path) is not None:
+                return importlib.import_module(path)
+        except ModuleNotFoundError:  # a parent package is missing: not ours
+            continue
     return None
 
 

@@ -1,0 +1,120 @@
+"""Linear recurrent unit (LRU, Orvieto et al. 2023) with nested complex projections.
+
+The recurrence h_t = λ ⊙ h_{t-1} + γ ⊙ B x_t is element-wise per channel, so it keeps the Matryoshka nesting
+of its nested in/out projections. It is computed with a log-depth parallel scan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from recbole_fmrl.model.layers.matryoshka import MatryoshkaFeedForward, MatryoshkaLayerNorm, MatryoshkaLinear
+
+
+def parallel_scan(lam: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """h_t = lam * h_{t-1} + b_t over dim 1 (h_{-1} = 0), in ceil(log2 L) vectorised steps (Hillis-Steele).
+
+    After the step with offset o, h_t holds the sum over the last 2o inputs, so log2 L doublings cover all.
+    """
+    h, power, offset, length = b, lam, 1, b.size(1)
+    while offset < length:
+        h = torch.cat([h[:, :offset], h[:, offset:] + power * h[:, :-offset]], dim=1)
+        power = power * power
+        offset *= 2
+    return h
+
+
+def sequential_scan(lam: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Reference step-by-step recurrence (tests compare the parallel scan against it)."""
+    h, out = torch.zeros_like(b[:, 0]), []
+    for t in range(b.size(1)):
+        h = lam * h + b[:, t]
+        out.append(h)
+    return torch.stack(out, dim=1)
+
+
+class LRULayer(nn.Module):
+    """Diagonal complex recurrence with ring initialisation |λ| ∈ [r_min, r_max] and γ normalisation."""
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        dropout: float = 0.1,
+        r_min: float = 0.0,
+        r_max: float = 0.1,
+        bias: bool = True,
+    ):
+        super().__init__()
+        d = sizes[-1]
+        u1, u2 = torch.rand(d).clamp_min(1e-12), torch.rand(d)
+        nu_log = torch.log(-0.5 * torch.log(u1 * (r_max**2 - r_min**2) + r_min**2))
+        theta_log = torch.log(u2 * 2 * math.pi)
+        modulus = torch.exp(-torch.exp(nu_log))
+        self.nu_log = nn.Parameter(nu_log)
+        self.theta_log = nn.Parameter(theta_log)
+        self.gamma_log = nn.Parameter(torch.log(torch.sqrt(1 - modulus**2)))
+        # B and C are complex: real and imaginary parts as two nested real maps each.
+        self.in_re = MatryoshkaLinear(sizes, bias=bias)
+        self.in_im = MatryoshkaLinear(sizes, bias=bias)
+        self.out_re = MatryoshkaLinear(sizes, bias=bias)
+        self.out_im = MatryoshkaLinear(sizes, bias=False)  # Re(C h) = C_re h_re - C_im h_im (+ one bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def lam(self) -> torch.Tensor:
+        return torch.polar(torch.exp(-torch.exp(self.nu_log)), torch.exp(self.theta_log))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        gamma = torch.exp(self.gamma_log)
+        keep = mask.unsqueeze(-1).to(x.dtype)  # padded steps feed nothing into the state
+        b = torch.complex(self.in_re(x) * gamma * keep, self.in_im(x) * gamma * keep)
+        h = parallel_scan(self.lam(), b)
+        return self.dropout(self.out_re(h.real) - self.out_im(h.imag))
+
+
+class LRUBlock(nn.Module):
+    """Pre-norm residual block: nested LN -> LRU -> +x, nested LN -> gated FFN -> +x."""
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        dropout: float,
+        attn_dropout: float,
+        r_min: float,
+        r_max: float,
+        bias: bool = True,
+    ):
+        super().__init__()
+        self.norm_in = MatryoshkaLayerNorm(sizes)
+        self.lru = LRULayer(sizes, dropout=attn_dropout, r_min=r_min, r_max=r_max, bias=bias)
+        self.norm_ffn = MatryoshkaLayerNorm(sizes)
+        self.ffn = MatryoshkaFeedForward(sizes, dropout=dropout, bias=bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.lru(self.norm_in(x), mask)
+        return x + self.ffn(self.norm_ffn(x))
+
+
+class LRUEncoder(nn.Module):
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        n_layers: int,
+        dropout: float,
+        attn_dropout: float,
+        r_min: float,
+        r_max: float,
+        bias: bool = True,
+    ):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            LRUBlock(sizes, dropout, attn_dropout, r_min, r_max, bias) for _ in range(n_layers)
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, mask)
+        return x

@@ -1,0 +1,136 @@
+"""Nested ("Matryoshka") building blocks: the first m_k coordinates of every output depend only on the
+first m_k coordinates of the input, for every size m_k in ``sizes``. Slicing every weight to m_k therefore
+gives an exact standalone model of hidden size m_k (see ``slice_state``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class MatryoshkaSizeError(ValueError):
+    """``mrl_sizes`` (or ``eval_size``) is not a valid nesting."""
+
+
+def check_sizes(sizes: Sequence[int], hidden_size: int | None = None, name: str = "mrl_sizes") -> list[int]:
+    """Validate a nesting: positive, strictly increasing, ending at ``hidden_size``."""
+    sizes = [int(s) for s in sizes]
+    if not sizes:
+        raise MatryoshkaSizeError(f"{name} is empty: give at least one size, e.g. {name}: [64].")
+    if any(s <= 0 for s in sizes):
+        raise MatryoshkaSizeError(f"{name} {sizes} has a size <= 0: every nesting size must be positive.")
+    if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
+        raise MatryoshkaSizeError(
+            f"{name} {sizes} is not strictly increasing: sort them and drop duplicates."
+        )
+    if hidden_size is not None and sizes[-1] != hidden_size:
+        raise MatryoshkaSizeError(
+            f"the last of {name} {sizes} must equal the hidden size ({hidden_size}): "
+            f"set hidden_size={sizes[-1]} or end {name} with {hidden_size}."
+        )
+    return sizes
+
+
+def block_ids(sizes: Sequence[int]) -> torch.Tensor:
+    """Index of the nesting block (m_{k-1}, m_k] that each coordinate belongs to."""
+    starts = [0, *sizes[:-1]]
+    return torch.cat(
+        [torch.full((e - s,), k, dtype=torch.long) for k, (s, e) in enumerate(zip(starts, sizes, strict=True))]
+    )
+
+
+class MatryoshkaLinear(nn.Module):
+    """Block-lower-triangular linear map applied as one GEMM with a fixed mask.
+
+    Output block k (``out_sizes[k-1]:out_sizes[k]``) reads ``input[..., :in_sizes[k]]``. Masked weights are
+    zero at init and get zero gradient, so they stay inert; export drops them.
+    """
+
+    def __init__(self, in_sizes: Sequence[int], out_sizes: Sequence[int] | None = None, bias: bool = True):
+        super().__init__()
+        out_sizes = list(in_sizes) if out_sizes is None else list(out_sizes)
+        if len(in_sizes) != len(out_sizes):
+            raise MatryoshkaSizeError(f"in_sizes {in_sizes} and out_sizes {out_sizes} differ in length")
+        self.in_sizes, self.out_sizes = list(in_sizes), out_sizes
+        d_in, d_out = in_sizes[-1], out_sizes[-1]
+        row_reads = torch.tensor(in_sizes)[block_ids(out_sizes)]  # how many inputs each output row reads
+        mask = torch.arange(d_in).unsqueeze(0) < row_reads.unsqueeze(1)
+        self.register_buffer("mask", mask.float(), persistent=False)
+        self.weight = nn.Parameter(torch.empty(d_out, d_in))
+        self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
+        self.register_buffer("_fan_in", row_reads.float(), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # nn.Linear's init, with each row's fan-in being what that row reads (as a standalone m_k model has).
+        bound = 1.0 / self._fan_in.sqrt()
+        self.weight.uniform_(-1.0, 1.0).mul_(bound.unsqueeze(1)).mul_(self.mask)
+        if self.bias is not None:
+            self.bias.uniform_(-1.0, 1.0).mul_(bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_sizes={self.in_sizes}, out_sizes={self.out_sizes}, bias={self.bias is not None}"
+
+
+class MatryoshkaLayerNorm(nn.Module):
+    """Layer norm of each nesting block (m_{k-1}, m_k] on its own, vectorised over blocks."""
+
+    def __init__(self, sizes: Sequence[int], eps: float = 1e-5):
+        super().__init__()
+        self.sizes = list(sizes)
+        self.eps = eps
+        ids = block_ids(self.sizes)
+        self.register_buffer("block", ids, persistent=False)
+        self.register_buffer("block_len", torch.bincount(ids).float(), persistent=False)
+        self.weight = nn.Parameter(torch.ones(self.sizes[-1]))
+        self.bias = nn.Parameter(torch.zeros(self.sizes[-1]))
+
+    def _block_mean(self, x: torch.Tensor) -> torch.Tensor:
+        sums = x.new_zeros(*x.shape[:-1], len(self.sizes)).index_add_(-1, self.block, x)
+        return (sums / self.block_len)[..., self.block]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centered = x - self._block_mean(x)
+        var = self._block_mean(centered * centered)
+        return centered * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+class MatryoshkaFeedForward(nn.Module):
+    """Gated (SiLU) position-wise feed-forward from nested linears, as in LRURec/fMRLRec."""
+
+    def __init__(self, sizes: Sequence[int], dropout: float = 0.1, bias: bool = True):
+        super().__init__()
+        self.gate = MatryoshkaLinear(sizes, bias=bias)
+        self.w_1 = MatryoshkaLinear(sizes, bias=bias)
+        self.w_2 = MatryoshkaLinear(sizes, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.silu(self.gate(x)) * self.dropout(self.w_1(x))
+        return self.dropout(self.w_2(hidden))
+
+
+def nested_scores(query: torch.Tensor, items: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Scores at every size, ``[K, *query.shape[:-1], n_items]``, from prefix partial dot products.
+
+    Each block's partial product is computed once and accumulated, so the cost is one full-size GEMM.
+    """
+    starts = [0, *sizes[:-1]]
+    partial = torch.stack([query[..., s:e] @ items[:, s:e].T for s, e in zip(starts, sizes, strict=True)])
+    return partial.cumsum(dim=0)
+
+
+def size_index(sizes: Sequence[int], size: int | None, name: str = "eval_size") -> int:
+    """Position of ``size`` in ``sizes`` (None = the largest); a clear error when it is not one of them."""
+    if size is None:
+        return len(sizes) - 1
+    if int(size) not in sizes:
+        raise MatryoshkaSizeError(f"{name}={size} is not one of mrl_sizes {list(sizes)}: pick one of them.")
+    return list(sizes).index(int(size))
