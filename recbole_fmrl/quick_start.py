@@ -15,6 +15,14 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_fmrl import compat
 from recbole_fmrl.config import Config, DatasetNotFoundError
+from recbole_fmrl.evaluation import (
+    evaluate_all_sizes,
+    format_table,
+    size_costs,
+    speaks_matryoshka,
+    write_report,
+)
+from recbole_fmrl.evaluation.checkpoint import check_fits, read_portable
 from recbole_fmrl.utils import UnknownModelError, get_model, get_trainer
 
 
@@ -47,11 +55,13 @@ def run_recbole_fmrl(
     )
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
+    if speaks_matryoshka(model):
+        result_by_size = report_all_sizes(config, trainer, test_data)
     environment_tb = get_environment(config)
     logger.info("The running environment of this training is as follows:\n" + environment_tb.draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
-    return {
+    result = {
         "model": config["model"],
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
@@ -59,16 +69,37 @@ def run_recbole_fmrl(
         "test_result": test_result,
         "saved_model_file": trainer.saved_model_file if saved else None,
     }
+    if speaks_matryoshka(model):
+        result["test_result_by_size"] = result_by_size
+    return result
+
+
+def report_all_sizes(config, trainer, test_data) -> dict:
+    """Test metrics at every nesting size (one pass), with per-size cost, logged and written to files."""
+    logger = getLogger()
+    by_size = evaluate_all_sizes(trainer, test_data)
+    costs = size_costs(trainer.model, test_data, config["device"])
+    logger.info(set_color("test result by size", "yellow") + ":\n" + format_table(by_size, costs))
+    files = write_report(by_size, costs, config["checkpoint_dir"], config["dataset"], config["model"])
+    logger.info(f"per-size results written to {files['csv']}, .json and .png")
+    return by_size
 
 
 def load_data_and_model(model_file: str):
-    """(config, model, dataset, train_data, valid_data, test_data) from a checkpoint the caller trusts.
+    """(config, model, dataset, train_data, valid_data, test_data) from a checkpoint.
 
-    Works for the plugin's models and RecBole's; naming the file is taken as trusting it (it is unpickled).
+    Works for the plugin's models and RecBole's. Files in the plugin's portable format (exported
+    sub-models) load without unpickling; a RecBole checkpoint pickles its Config, so naming the file here
+    is taken as trusting it.
     """
-    compat.trust_checkpoint(model_file)
-    checkpoint = compat.load_recbole_checkpoint(model_file, map_location="cpu")
-    config = checkpoint["config"]
+    portable = read_portable(model_file)
+    if portable is not None:
+        config = Config(model=portable["model"], dataset=portable["dataset"], config_dict=portable["config"])
+        checkpoint = portable
+    else:
+        compat.trust_checkpoint(model_file)
+        checkpoint = compat.load_recbole_checkpoint(model_file, map_location="cpu")
+        config = checkpoint["config"]
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
@@ -80,6 +111,7 @@ def load_data_and_model(model_file: str):
 
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    check_fits(model, checkpoint["state_dict"], str(model_file))
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data
@@ -110,4 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     metrics = "  ".join(f"{k}={float(v):.4f}" for k, v in result["test_result"].items())
     print(f"test result ({result['model']} on {args.dataset}): {metrics}")
+    if "test_result_by_size" in result:
+        print("test result by size:\n" + format_table(result["test_result_by_size"]))
     return 0

@@ -7,14 +7,15 @@ from recbole.data.dataloader import TrainDataLoader
 from recbole.trainer import Trainer
 
 
-def last_windows(train_data: TrainDataLoader, max_len: int, uid_field: str) -> TrainDataLoader:
+def last_windows(train_data: TrainDataLoader) -> TrainDataLoader:
     """Keep the augmented samples whose windows tile each user's sequence once, ending at its last item.
 
     RecBole's sequential data augmentation yields every prefix of every user; a model trained on all
     positions needs only the longest window (and, for long sequences, earlier non-overlapping windows).
     """
-    dataset = train_data._dataset
-    uids = dataset.inter_feat[uid_field].numpy()
+    dataset, config = train_data._dataset, train_data.config
+    max_len = config["MAX_ITEM_LIST_LENGTH"]  # the length RecBole truncated the prefixes to
+    uids = dataset.inter_feat[config["USER_ID_FIELD"]].numpy()
     starts = np.flatnonzero(np.r_[True, uids[1:] != uids[:-1]])
     if len(np.unique(uids[starts])) != len(starts):
         raise ValueError("training samples are not grouped by user; cannot build all-position windows")
@@ -32,7 +33,5 @@ class fMRLRecTrainer(Trainer):  # noqa: N801
         self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None
     ):
         if self.config["train_mode"] == "all_positions":
-            train_data = last_windows(
-                train_data, self.config["MAX_ITEM_LIST_LENGTH"], self.config["USER_ID_FIELD"]
-            )
+            train_data = last_windows(train_data)
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)

@@ -27,10 +27,20 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 MODALITIES = ("text", "image")
 UNTITLED = "Untitled item"
+DEFAULT_TEXT_FIELDS = ("title", "categories", "brand", "price")
 
 
 class FeatureError(ValueError):
     """Bad feature input or configuration; the message names the problem and the fix."""
+
+
+def as_list(value) -> list[str]:
+    """Config list that may arrive from the command line as "a,b" (RecBole keeps it a string)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+    return list(value)
 
 
 # ----------------------------------------------------------------------------------------- raw item table
@@ -276,13 +286,13 @@ def encode_modality(config, dataset, modality: str) -> np.ndarray:
     if modality == "text":
         encoder = config["text_encoder"] or default_text_encoder()
         pooling = config["text_pooling"] or "mean"
-        texts = item_texts(table, rows, list(config["text_fields"] or ["title"]))
+        fields = as_list(config["text_fields"]) or [f for f in DEFAULT_TEXT_FIELDS if f in table.columns]
+        texts = item_texts(table, rows, fields)
         key = _digest("text", config["dataset"], encoder, pooling, texts)
-        fn = text_encoder_fn(encoder, pooling, device)
         cache_file = _cache_dir(config) / f"text-{Path(str(encoder)).name}-{pooling}-{key}.npy"
 
-        def encode(batch_texts):
-            return np.concatenate([fn(batch_texts[i : i + batch]) for i in range(0, len(batch_texts), batch)])
+        def make_encoder():
+            return text_encoder_fn(encoder, pooling, device)
 
         inputs = texts
     elif modality == "image":
@@ -294,12 +304,12 @@ def encode_modality(config, dataset, modality: str) -> np.ndarray:
             resolve_image(table.at[r, field], data_dir, download_dir) if r is not None else None for r in rows
         ]
         name, pretrained = config["image_encoder"], config["image_pretrained"]
-        key = _digest("image", config["dataset"], name, pretrained, [_file_digest(p) for p in paths])
-        fn = image_encoder_fn(name, pretrained, device, config["image_missing"] or "zero")
+        missing = config["image_missing"] or "zero"
+        key = _digest("image", config["dataset"], name, pretrained, missing, [_file_digest(p) for p in paths])
         cache_file = _cache_dir(config) / f"image-{name}-{Path(str(pretrained)).name}-{key}.npy"
 
-        def encode(batch_paths):
-            return np.concatenate([fn(batch_paths[i : i + batch]) for i in range(0, len(batch_paths), batch)])
+        def make_encoder():
+            return image_encoder_fn(name, pretrained, device, missing)
 
         inputs = [str(p) if p is not None else None for p in paths]
     else:
@@ -307,10 +317,17 @@ def encode_modality(config, dataset, modality: str) -> np.ndarray:
 
     start = time.perf_counter()
     hit = cache_file.is_file()
+    encoders = []  # built on the first cache miss only: a cached run never loads a model
+
+    def encode(items):
+        if not encoders:
+            encoders.append(make_encoder())
+        return np.concatenate([encoders[0](items[i : i + batch]) for i in range(0, len(items), batch)])
+
     matrix = cached_encode(cache_file, inputs, encode, chunk, desc=f"{modality} features")
-    missing = getattr(fn, "stats", {}).get("missing", 0)
-    if missing:
-        logger.warning(f"{modality}: {missing} items had no readable image and got a zero vector")
+    n_missing = getattr(encoders[0], "stats", {}).get("missing", 0) if encoders else 0
+    if n_missing:
+        logger.warning(f"{modality}: {n_missing} items had no readable image and got a zero vector")
     logger.info(
         f"{modality} features {matrix.shape} {'from cache' if hit else 'encoded'} in "
         f"{time.perf_counter() - start:.1f}s: {cache_file}"

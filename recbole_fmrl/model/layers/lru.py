@@ -64,6 +64,12 @@ class LRULayer(nn.Module):
         self.out_im = MatryoshkaLinear(sizes, bias=False)  # Re(C h) = C_re h_re - C_im h_im (+ one bias)
         self.dropout = nn.Dropout(dropout)
 
+    @torch.no_grad()
+    def slice_(self, sizes: Sequence[int]) -> None:
+        m = sizes[-1]  # the nested in/out maps are sliced by their own slice_
+        for name in ("nu_log", "theta_log", "gamma_log"):
+            setattr(self, name, nn.Parameter(getattr(self, name)[:m].clone()))
+
     def lam(self) -> torch.Tensor:
         return torch.polar(torch.exp(-torch.exp(self.nu_log)), torch.exp(self.theta_log))
 

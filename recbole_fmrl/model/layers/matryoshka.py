@@ -38,7 +38,10 @@ def block_ids(sizes: Sequence[int]) -> torch.Tensor:
     """Index of the nesting block (m_{k-1}, m_k] that each coordinate belongs to."""
     starts = [0, *sizes[:-1]]
     return torch.cat(
-        [torch.full((e - s,), k, dtype=torch.long) for k, (s, e) in enumerate(zip(starts, sizes, strict=True))]
+        [
+            torch.full((e - s,), k, dtype=torch.long)
+            for k, (s, e) in enumerate(zip(starts, sizes, strict=True))
+        ]
     )
 
 
@@ -75,6 +78,18 @@ class MatryoshkaLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight * self.mask, self.bias)
 
+    @torch.no_grad()
+    def slice_(self, sizes: Sequence[int]) -> None:
+        """Keep the first ``len(sizes)`` nesting levels, in place (sub-model export)."""
+        level = len(sizes)
+        self.in_sizes, self.out_sizes = self.in_sizes[:level], self.out_sizes[:level]
+        d_in, d_out = self.in_sizes[-1], self.out_sizes[-1]
+        self.weight = nn.Parameter(self.weight[:d_out, :d_in].clone())
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias[:d_out].clone())
+        self.mask = self.mask[:d_out, :d_in].clone()
+        self._fan_in = self._fan_in[:d_out].clone()
+
     def extra_repr(self) -> str:
         return f"in_sizes={self.in_sizes}, out_sizes={self.out_sizes}, bias={self.bias is not None}"
 
@@ -95,6 +110,15 @@ class MatryoshkaLayerNorm(nn.Module):
     def _block_mean(self, x: torch.Tensor) -> torch.Tensor:
         sums = x.new_zeros(*x.shape[:-1], len(self.sizes)).index_add_(-1, self.block, x)
         return (sums / self.block_len)[..., self.block]
+
+    @torch.no_grad()
+    def slice_(self, sizes: Sequence[int]) -> None:
+        self.sizes = self.sizes[: len(sizes)]
+        m = self.sizes[-1]
+        self.weight = nn.Parameter(self.weight[:m].clone())
+        self.bias = nn.Parameter(self.bias[:m].clone())
+        self.block = self.block[:m].clone()
+        self.block_len = self.block_len[: len(sizes)].clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centered = x - self._block_mean(x)
@@ -117,14 +141,25 @@ class MatryoshkaFeedForward(nn.Module):
         return self.dropout(self.w_2(hidden))
 
 
-def nested_scores(query: torch.Tensor, items: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """Scores at every size, ``[K, *query.shape[:-1], n_items]``, from prefix partial dot products.
+def iter_nested_scores(query: torch.Tensor, items: torch.Tensor, sizes: Sequence[int]):
+    """Yield the scores at each size in turn, ``[P, n_items]``, for a 2-D ``query``.
 
-    Each block's partial product is computed once and accumulated, so the cost is one full-size GEMM.
+    Size k's scores are size k-1's plus one block's partial product, fused into one ``addmm``: all sizes
+    together cost one full-size GEMM, with no extra pass over the score matrices.
     """
-    starts = [0, *sizes[:-1]]
-    partial = torch.stack([query[..., s:e] @ items[:, s:e].T for s, e in zip(starts, sizes, strict=True)])
-    return partial.cumsum(dim=0)
+    scores, start = None, 0
+    for end in sizes:
+        q, e = query[:, start:end], items[:, start:end].T
+        scores = q @ e if scores is None else torch.addmm(scores, q, e)
+        start = end
+        yield scores
+
+
+def nested_scores(query: torch.Tensor, items: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Scores at every size, ``[K, *query.shape[:-1], n_items]``, from prefix partial dot products."""
+    flat = query.reshape(-1, query.size(-1))
+    out = torch.stack(list(iter_nested_scores(flat, items, sizes)))
+    return out.view(len(sizes), *query.shape[:-1], items.size(0))
 
 
 def size_index(sizes: Sequence[int], size: int | None, name: str = "eval_size") -> int:

@@ -12,8 +12,15 @@ from recbole.utils import InputType
 from torch import nn
 from torch.nn import functional as F
 
+from recbole_fmrl.data.features import as_list, load_item_features
 from recbole_fmrl.model.layers.lru import LRUEncoder
-from recbole_fmrl.model.layers.matryoshka import MatryoshkaSizeError, check_sizes, nested_scores, size_index
+from recbole_fmrl.model.layers.matryoshka import (
+    MatryoshkaSizeError,
+    check_sizes,
+    iter_nested_scores,
+    nested_scores,
+    size_index,
+)
 
 TRAIN_MODES = ("prefix", "all_positions")
 
@@ -61,6 +68,19 @@ class ItemTower(nn.Module):
         if self.projection is None and self.id_embedding is None:
             raise ValueError("fMRLRec needs item features (modalities) or use_id_embedding: True.")
 
+    @torch.no_grad()
+    def slice_(self, sizes: list[int]) -> None:
+        m = sizes[-1]
+        if self.projection is not None:
+            old = self.projection
+            self.projection = nn.Linear(old.in_features, m).to(old.weight)
+            self.projection.weight.copy_(old.weight[:m])
+            self.projection.bias.copy_(old.bias[:m])
+        if self.id_embedding is not None:
+            old = self.id_embedding
+            self.id_embedding = nn.Embedding(old.num_embeddings, m, padding_idx=0).to(old.weight)
+            self.id_embedding.weight.copy_(old.weight[:, :m])
+
     def forward(self) -> torch.Tensor:
         """Embeddings of all items, ``[n_items, hidden_size]``."""
         out = self.projection(self.features) if self.projection is not None else 0
@@ -82,12 +102,8 @@ class fMRLRec(SequentialRecommender):  # noqa: N801  (the paper's name; RecBole 
             raise ValueError(f"train_mode={self.train_mode!r}: use one of {TRAIN_MODES}.")
         self.register_buffer("size_weights", loss_weights(config, len(self.mrl_sizes)), persistent=False)
 
-        modalities = list(config["modalities"] or [])
-        features = {}
-        if modalities:
-            from recbole_fmrl.data.features import load_item_features
-
-            features = load_item_features(config, dataset, modalities)
+        modalities = as_list(config["modalities"])
+        features = load_item_features(config, dataset, modalities) if modalities else {}
         self.item_tower = ItemTower(
             self.n_items,
             self.hidden_size,
@@ -106,6 +122,13 @@ class fMRLRec(SequentialRecommender):  # noqa: N801  (the paper's name; RecBole 
             bool(config["use_bias"]),
         )
 
+    def slice_(self, sizes: list[int]) -> None:
+        """Become the size-``sizes[-1]`` model (its nested sub-modules slice themselves)."""
+        self.hidden_size, self.mrl_sizes = sizes[-1], list(sizes)
+        self.eval_size = min(self.eval_size, sizes[-1]) if self.eval_size in sizes else sizes[-1]
+        weights = self.size_weights[: len(sizes)]
+        self.size_weights = weights / weights.sum()
+
     def encode(self, item_seq: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Hidden states ``[B, L, D]`` of the (right-padded) sequences, given all item embeddings."""
         x = self.emb_dropout(items[item_seq])
@@ -120,13 +143,11 @@ class fMRLRec(SequentialRecommender):  # noqa: N801  (the paper's name; RecBole 
         return self.gather_indexes(hidden, item_seq_len - 1), items
 
     def _nested_ce(self, query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = nested_scores(query, items, self.mrl_sizes)  # [K, P, N]
-        per_size = (
-            F.cross_entropy(logits.flatten(0, 1), targets.repeat(len(self.mrl_sizes)), reduction="none")
-            .view(len(self.mrl_sizes), -1)
-            .mean(dim=1)
-        )
-        return (per_size * self.size_weights).sum()
+        """Weighted mean over sizes of the full cross-entropy over all items."""
+        losses = [
+            F.cross_entropy(logits, targets) for logits in iter_nested_scores(query, items, self.mrl_sizes)
+        ]
+        return (torch.stack(losses) * self.size_weights).sum()
 
     def calculate_loss(self, interaction) -> torch.Tensor:
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]

@@ -1,0 +1,144 @@
+"""Evaluate a nested model at every Matryoshka size in one pass, through RecBole's Collector/Evaluator.
+
+Each size gets its own copy of the trainer's Collector (so metrics that need training-data statistics work)
+and the same post-processing RecBole's ``Trainer._full_sort_batch_eval`` applies: padding item and, where the
+data loader gives one, the user's history set to -inf before top-k.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from recbole.data.dataloader import FullSortEvalDataLoader
+
+from recbole_fmrl.evaluation.export import (
+    checkpoint_size_bytes,
+    export_submodel,
+    parameter_counts,
+    speaks_matryoshka,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def evaluate_all_sizes(trainer, eval_data, model=None) -> OrderedDict[int, OrderedDict]:
+    """``{size: RecBole result dict}`` for every size of ``model`` (default: the trainer's), one data pass."""
+    model = trainer.model if model is None else model
+    if not speaks_matryoshka(model):
+        raise TypeError(
+            f"{type(model).__name__} does not speak the Matryoshka protocol (mrl_sizes, "
+            "full_sort_predict_sizes)."
+        )
+    if not isinstance(eval_data, FullSortEvalDataLoader):
+        raise ValueError("Matryoshka evaluation needs full ranking: set eval_args mode to 'full'.")
+    model.eval()
+    n_items = eval_data._dataset.item_num
+    collectors = [copy.deepcopy(trainer.eval_collector) for _ in model.mrl_sizes]
+    for interaction, history_index, positive_u, positive_i in eval_data:
+        interaction = interaction.to(trainer.device)
+        all_scores = model.full_sort_predict_sizes(interaction)
+        for scores, collector in zip(all_scores, collectors, strict=True):
+            scores = scores.reshape(-1, n_items)
+            scores[:, 0] = -np.inf
+            if history_index is not None:
+                scores[history_index] = -np.inf
+            collector.eval_batch_collect(scores, interaction, positive_u, positive_i)
+    results = OrderedDict()
+    for size, collector in zip(model.mrl_sizes, collectors, strict=True):
+        collector.model_collect(model)
+        results[size] = trainer.evaluator.evaluate(collector.get_data_struct())
+    return results
+
+
+@torch.no_grad()
+def size_costs(model, eval_data, device, n_batches: int = 5, repeats: int = 3) -> OrderedDict[int, dict]:
+    """Per size: parameters of the exported sub-model, its state size, and scoring latency per user batch."""
+    batches = []
+    for i, (interaction, *_rest) in enumerate(eval_data):
+        if i >= n_batches:
+            break
+        batches.append(interaction.to(device))
+    costs = OrderedDict()
+    for size in model.mrl_sizes:
+        sub = export_submodel(model, size).eval()
+        sub.full_sort_predict(batches[0])  # warm-up
+        timings = []
+        for _ in range(repeats):
+            for batch in batches:
+                start = time.perf_counter()
+                sub.full_sort_predict(batch)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                timings.append(time.perf_counter() - start)
+        params = parameter_counts(sub)
+        costs[size] = {
+            "params_encoder": params["encoder"],
+            "params_item_tower": params["item_tower"],
+            "state_bytes": checkpoint_size_bytes(sub),
+            "latency_ms_per_batch": 1000 * float(np.median(timings)),
+            "batch_users": int(len(batches[0])),
+        }
+    return costs
+
+
+def format_table(by_size: dict, costs: dict | None = None) -> str:
+    metrics = list(next(iter(by_size.values())))
+    extra = ["params_encoder", "params_item_tower", "latency_ms_per_batch"] if costs else []
+    header = ["size", *metrics, *extra]
+    rows = []
+    for size, result in by_size.items():
+        row = [str(size), *(f"{float(result[m]):.4f}" for m in metrics)]
+        if costs:
+            c = costs[size]
+            row += [str(c["params_encoder"]), str(c["params_item_tower"]), f"{c['latency_ms_per_batch']:.2f}"]
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return "\n".join([line(header), *(line(r) for r in rows)])
+
+
+def write_report(by_size: dict, costs: dict | None, out_dir: str | Path, dataset: str, model: str) -> dict:
+    """``matryoshka_<dataset>_<model>.{csv,json,png}`` in ``out_dir``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"matryoshka_{dataset}_{model}"
+    records = [
+        {"size": size, **{k: float(v) for k, v in result.items()}, **(costs[size] if costs else {})}
+        for size, result in by_size.items()
+    ]
+    keys = list(records[0])
+    with open(f"{stem}.csv", "w") as f:
+        f.write(",".join(keys) + "\n")
+        f.writelines(",".join(str(r[k]) for k in keys) + "\n" for r in records)
+    Path(f"{stem}.json").write_text(
+        json.dumps({"dataset": dataset, "model": model, "by_size": records}, indent=2)
+    )
+
+    sizes = list(by_size)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for metric in next(iter(by_size.values())):
+        ax.plot(sizes, [float(by_size[s][metric]) for s in sizes], marker="o", label=metric)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("embedding size")
+    ax.set_ylabel("test metric")
+    ax.set_title(f"{model} on {dataset}: one model, every size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(f"{stem}.png", dpi=120)
+    plt.close(fig)
+    return {"csv": f"{stem}.csv", "json": f"{stem}.json", "png": f"{stem}.png"}

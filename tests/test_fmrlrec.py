@@ -1,0 +1,186 @@
+"""fMRLRec: nesting exactness of the whole model, one-pass all-size scoring, training modes, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_seed
+
+from recbole_fmrl.config import Config
+from recbole_fmrl.data.features import FeatureError
+from recbole_fmrl.evaluation.export import export_submodel, parameter_counts
+from recbole_fmrl.model.layers.matryoshka import MatryoshkaSizeError
+from recbole_fmrl.model.sequential_recommender.fmrlrec import fMRLRec
+from recbole_fmrl.quick_start import run_recbole_fmrl
+from recbole_fmrl.trainer import last_windows
+
+ID_ONLY = {
+    "modalities": [],
+    "use_id_embedding": True,
+    "state": "WARNING",
+    "dropout_prob": 0.3,
+    "attn_dropout_prob": 0.3,
+}
+
+
+@pytest.fixture(scope="module")
+def mm(tmp_path_factory):
+    config = Config("fMRLRec", "mm-sample", config_dict={**ID_ONLY, "hidden_size": 16, "mrl_sizes": [4, 16]})
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    return config, dataset, train, test
+
+
+def build(mm, sizes, seed, **extra):
+    config, dataset, train, _ = mm
+    for key, value in {**ID_ONLY, "hidden_size": sizes[-1], "mrl_sizes": sizes, **extra}.items():
+        config[key] = value
+    init_seed(seed, True)
+    return fMRLRec(config, train._dataset).eval()
+
+
+def first_batch(loader):
+    return next(iter(loader))[0]
+
+
+nestings = st.lists(st.integers(1, 20), min_size=1, max_size=4, unique=True).map(sorted)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=nestings, seed=st.integers(0, 1000), n_layers=st.integers(1, 2))
+def test_exported_submodel_reproduces_nested_scores(mm, sizes, seed, n_layers):
+    """Invariant 1: the size-m_k scores equal those of the model with every weight sliced to m_k."""
+    model = build(mm, sizes, seed, n_layers=n_layers)
+    batch = first_batch(mm[3])  # right-padded test sequences of varying length
+    with torch.no_grad():
+        all_sizes = model.full_sort_predict_sizes(batch)
+        for k, m in enumerate(sizes):
+            sub = export_submodel(model, m)
+            assert sub.hidden_size == m and sub.mrl_sizes == sizes[: k + 1]
+            torch.testing.assert_close(sub.full_sort_predict(batch), all_sizes[k], rtol=1e-4, atol=1e-4)
+
+
+def test_one_pass_all_sizes_equals_per_size_prediction(mm):
+    model = build(mm, [4, 8, 16], seed=3)
+    batch = first_batch(mm[3])
+    with torch.no_grad():
+        all_sizes = model.full_sort_predict_sizes(batch)
+        for k, m in enumerate([4, 8, 16]):
+            model.eval_size = m
+            torch.testing.assert_close(model.full_sort_predict(batch), all_sizes[k], rtol=1e-4, atol=1e-4)
+            items = batch[model.ITEM_ID]
+            torch.testing.assert_close(
+                model.predict(batch), all_sizes[k][torch.arange(len(items)), items], rtol=1e-4, atol=1e-4
+            )
+
+
+def test_export_is_smaller(mm):
+    model = build(mm, [4, 8, 16], seed=0)
+    full, small = parameter_counts(model), parameter_counts(export_submodel(model, 4))
+    assert small["encoder"] < full["encoder"] / 4 and small["item_tower"] < full["item_tower"]
+
+
+def test_all_position_windows_cover_every_target_once(mm):
+    config, _, train, _ = mm
+    windows = last_windows(train)
+    prefix = train._dataset.inter_feat
+    kept = windows._dataset.inter_feat
+    # Each kept window of length l trains l targets; together: every augmented target exactly once.
+    assert int(kept["item_length"].sum()) == len(prefix)
+    assert len(set(kept["user_id"].tolist())) == len(set(prefix["user_id"].tolist()))
+
+
+def test_all_positions_loss_equals_mean_of_prefix_losses(mm):
+    """One pass over a window gives the same per-target CE as the separate prefix samples it replaces."""
+    model = build(mm, [8, 16], seed=1, dropout_prob=0.0, attn_dropout_prob=0.0)
+    _, _, train, _ = mm
+    windows = last_windows(train)
+    batch = windows._dataset.inter_feat[torch.arange(1)]
+    n = int(batch["item_length"][0])
+    model.train_mode = "all_positions"
+    window_loss = model.calculate_loss(batch)
+    seq = batch["item_id_list"][0]
+    targets = torch.cat([seq[1:n], batch["item_id"]])
+    prefixes = batch.repeat(n)
+    lists = torch.zeros_like(prefixes["item_id_list"])
+    for t in range(n):
+        lists[t, : t + 1] = seq[: t + 1]
+    prefixes.update(
+        type(batch)({"item_id_list": lists, "item_length": torch.arange(1, n + 1), "item_id": targets})
+    )
+    model.train_mode = "prefix"
+    torch.testing.assert_close(window_loss, model.calculate_loss(prefixes), rtol=1e-4, atol=1e-5)
+
+
+def test_training_beats_popularity_on_mm_sample(in_tmp):
+    common = {**FAST, "epochs": 12, "checkpoint_dir": str(in_tmp), "seed": 7}
+    pop = run_recbole_fmrl("Pop", "mm-sample", config_dict=common)
+    ours = run_recbole_fmrl(
+        "fMRLRec",
+        "mm-sample",
+        config_dict={
+            **common,
+            "modalities": ["text"],
+            "hidden_size": 64,
+            "mrl_sizes": [8, 16, 32, 64],
+            "learning_rate": 0.003,
+            "train_batch_size": 32,
+            "dropout_prob": 0.2,
+            "attn_dropout_prob": 0.2,
+        },
+    )
+    assert ours["test_result"]["ndcg@10"] > pop["test_result"]["ndcg@10"] + 0.05
+
+
+@pytest.mark.parametrize(
+    "extra, error, match",
+    [
+        ({"eval_size": 5}, MatryoshkaSizeError, "eval_size=5 is not one of"),
+        ({"mrl_sizes": [8, 4, 16]}, MatryoshkaSizeError, "strictly increasing"),
+        ({"mrl_sizes": [4, 8]}, MatryoshkaSizeError, "must equal the hidden size"),
+        ({"mrl_loss_weights": [1.0]}, MatryoshkaSizeError, "one non-negative weight per size"),
+        ({"train_mode": "sometimes"}, ValueError, "train_mode"),
+        ({"modalities": ["audio"]}, FeatureError, "'audio', which has no features"),
+    ],
+)
+def test_bad_config_is_rejected(mm, extra, error, match):
+    config, _, train, _ = mm
+    base = {
+        **ID_ONLY,
+        "hidden_size": 16,
+        "mrl_sizes": [4, 8, 16],
+        "eval_size": None,
+        "mrl_loss_weights": None,
+        "train_mode": "all_positions",
+    }
+    for key, value in {**base, **extra}.items():
+        config[key] = value
+    with pytest.raises(error, match=match):
+        fMRLRec(config, train._dataset)
+
+
+@pytest.mark.parametrize("problem", ["rows", "nan"])
+def test_bad_precomputed_features_are_rejected(mm, tmp_path, problem):
+    config, dataset, train, _ = mm
+    tokens = list(dataset.field2id_token["item_id"][1:])
+    matrix = np.random.default_rng(0).normal(size=(len(tokens), 8)).astype(np.float32)
+    if problem == "rows":
+        matrix = matrix[:-3]
+    else:
+        matrix[5, 2] = np.nan
+    np.save(tmp_path / "f.npy", matrix)
+    (tmp_path / "ids.txt").write_text("\n".join(tokens))
+    for key, value in {
+        **ID_ONLY,
+        "hidden_size": 16,
+        "mrl_sizes": [4, 16],
+        "modalities": ["text"],
+        "precomputed_features": {"text": {"path": str(tmp_path / "f.npy"), "ids": str(tmp_path / "ids.txt")}},
+    }.items():
+        config[key] = value
+    with pytest.raises(FeatureError, match="item ids" if problem == "rows" else "NaN/Inf"):
+        fMRLRec(config, train._dataset)
+    config["precomputed_features"] = None

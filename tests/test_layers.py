@@ -1,0 +1,138 @@
+"""Matryoshka invariants of the building blocks, as properties over random nestings."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn import functional as F
+
+from recbole_fmrl.model.layers.lru import LRULayer, parallel_scan, sequential_scan
+from recbole_fmrl.model.layers.matryoshka import (
+    MatryoshkaLayerNorm,
+    MatryoshkaLinear,
+    MatryoshkaSizeError,
+    check_sizes,
+    nested_scores,
+    size_index,
+)
+
+nestings = st.lists(st.integers(1, 24), min_size=1, max_size=5, unique=True).map(sorted)
+FAST = settings(max_examples=25, deadline=None)
+
+
+def per_block_linear(layer: MatryoshkaLinear, x: torch.Tensor) -> torch.Tensor:
+    """Reference: output block k as its own Linear over input[:in_sizes[k]]."""
+    outs, start = [], 0
+    for n_in, end in zip(layer.in_sizes, layer.out_sizes, strict=True):
+        w = layer.weight[start:end, :n_in]
+        b = layer.bias[start:end] if layer.bias is not None else None
+        outs.append(F.linear(x[..., :n_in], w, b))
+        start = end
+    return torch.cat(outs, dim=-1)
+
+
+@FAST
+@given(sizes=nestings, seed=st.integers(0, 10_000))
+def test_masked_linear_equals_per_block_loop(sizes, seed):
+    torch.manual_seed(seed)
+    layer = MatryoshkaLinear(sizes)
+    x = torch.randn(3, 4, sizes[-1])
+    torch.testing.assert_close(layer(x), per_block_linear(layer, x))
+
+
+@FAST
+@given(sizes=nestings, seed=st.integers(0, 10_000))
+def test_masked_linear_jacobian_is_block_lower_triangular(sizes, seed):
+    torch.manual_seed(seed)
+    layer = MatryoshkaLinear(sizes)
+    jac = torch.autograd.functional.jacobian(layer, torch.randn(sizes[-1]))
+    assert torch.equal(jac != 0, (layer.mask != 0) & (jac != 0))
+    assert (jac[layer.mask == 0] == 0).all()
+    layer(torch.randn(5, sizes[-1])).sum().backward()
+    assert (layer.weight.grad[layer.mask == 0] == 0).all()  # masked weights get no gradient
+    assert (layer.weight[layer.mask == 0] == 0).all()  # and hold nothing
+
+
+@FAST
+@given(sizes=nestings, seed=st.integers(0, 10_000))
+def test_nested_layer_norm_normalises_each_block(sizes, seed):
+    torch.manual_seed(seed)
+    norm = MatryoshkaLayerNorm(sizes)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 3, sizes[-1]) * 3 + 1
+    expected, start = [], 0
+    for end in sizes:
+        expected.append(
+            F.layer_norm(x[..., start:end], (end - start,), norm.weight[start:end], norm.bias[start:end])
+        )
+        start = end
+    torch.testing.assert_close(norm(x), torch.cat(expected, dim=-1))
+
+
+@FAST
+@given(length=st.integers(1, 70), dim=st.integers(1, 6), seed=st.integers(0, 10_000))
+def test_parallel_scan_equals_sequential(length, dim, seed):
+    torch.manual_seed(seed)
+    lam = torch.polar(torch.rand(dim) * 0.99, torch.rand(dim) * 6.28)
+    b = torch.complex(torch.randn(2, length, dim), torch.randn(2, length, dim))
+    torch.testing.assert_close(parallel_scan(lam, b), sequential_scan(lam, b), rtol=1e-4, atol=1e-5)
+
+
+def test_lru_ignores_right_padding_content():
+    torch.manual_seed(0)
+    layer = LRULayer([4, 8], dropout=0.0).eval()
+    x = torch.randn(2, 9, 8)
+    mask = torch.tensor([[True] * 5 + [False] * 4, [True] * 9])
+    noisy = x.clone()
+    noisy[0, 5:] = torch.randn(4, 8) * 100
+    out, out_noisy = layer(x, mask), layer(noisy, mask)
+    torch.testing.assert_close(out[0, :5], out_noisy[0, :5])
+    torch.testing.assert_close(out[1], out_noisy[1])
+
+
+@FAST
+@given(sizes=nestings, seed=st.integers(0, 10_000))
+def test_lru_layer_prefix_depends_only_on_input_prefix(sizes, seed):
+    torch.manual_seed(seed)
+    layer = LRULayer(sizes, dropout=0.0).eval()
+    x = torch.randn(2, 6, sizes[-1])
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    for m in sizes:
+        changed = x.clone()
+        changed[..., m:] = torch.randn_like(changed[..., m:])
+        torch.testing.assert_close(layer(x, mask)[..., :m], layer(changed, mask)[..., :m])
+
+
+@FAST
+@given(sizes=nestings, seed=st.integers(0, 10_000))
+def test_nested_scores_equal_per_size_products(sizes, seed):
+    torch.manual_seed(seed)
+    q, items = torch.randn(3, sizes[-1]), torch.randn(7, sizes[-1])
+    scores = nested_scores(q, items, sizes)
+    for k, m in enumerate(sizes):
+        torch.testing.assert_close(scores[k], q[:, :m] @ items[:, :m].T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "sizes, hidden, match",
+    [
+        ([8, 8, 16], 16, "strictly increasing"),
+        ([16, 8], 16, "strictly increasing"),
+        ([0, 8], 8, "<= 0"),
+        ([-4, 8], 8, "<= 0"),
+        ([8, 16], 32, "must equal the hidden size"),
+        ([], 8, "empty"),
+    ],
+)
+def test_bad_sizes_are_rejected(sizes, hidden, match):
+    with pytest.raises(MatryoshkaSizeError, match=match):
+        check_sizes(sizes, hidden)
+
+
+def test_eval_size_must_be_a_nesting_size():
+    assert size_index([8, 16, 32], None) == 2
+    assert size_index([8, 16, 32], 16) == 1
+    with pytest.raises(MatryoshkaSizeError, match="eval_size=12 is not one of"):
+        size_index([8, 16, 32], 12)
