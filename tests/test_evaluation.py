@@ -1,0 +1,137 @@
+"""Matryoshka evaluator and sub-model export, end to end through checkpoints."""
+
+import csv
+import os
+import sys
+
+import pytest
+import torch
+from conftest import FAST
+from recbole.trainer import Trainer
+
+from recbole_fmrl import export as export_cli
+from recbole_fmrl.evaluation import evaluate_all_sizes
+from recbole_fmrl.evaluation.__main__ import main as evaluation_cli
+from recbole_fmrl.evaluation.checkpoint import CheckpointMismatchError, check_fits, read_portable
+from recbole_fmrl.quick_start import load_data_and_model, run_recbole_fmrl
+
+SIZES = [8, 16, 32]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cwd = os.getcwd()
+    os.chdir(out)
+    try:
+        result = run_recbole_fmrl(
+            "fMRLRec",
+            "mm-sample",
+            config_dict={
+                **FAST,
+                "epochs": 2,
+                "modalities": [],
+                "use_id_embedding": True,
+                "hidden_size": 32,
+                "mrl_sizes": SIZES,
+                "checkpoint_dir": str(out),
+                "learning_rate": 0.003,
+            },
+        )
+    finally:
+        os.chdir(cwd)
+    return result, out
+
+
+def test_each_size_equals_a_separate_recbole_evaluation(trained):
+    result, _ = trained
+    config, model, _, train_data, _, test_data = load_data_and_model(result["saved_model_file"])
+    for size in SIZES:
+        model.eval_size = size
+        trainer = Trainer(config, model)  # RecBole's own evaluation path, one size
+        trainer.eval_collector.data_collect(train_data)
+        separate = trainer.evaluate(test_data, load_best_model=False)
+        assert dict(separate) == pytest.approx(dict(result["test_result_by_size"][size]), abs=1e-4)
+
+
+def test_run_writes_table_files(trained):
+    result, out = trained
+    stem = out / "matryoshka_mm-sample_fMRLRec"
+    rows = list(csv.DictReader(open(f"{stem}.csv")))
+    assert [int(r["size"]) for r in rows] == SIZES
+    assert {"ndcg@10", "params_encoder", "params_item_tower", "latency_ms_per_batch"} <= set(rows[0])
+    assert (out / "matryoshka_mm-sample_fMRLRec.png").stat().st_size > 1000
+    assert [int(r["params_encoder"]) for r in rows] == sorted(int(r["params_encoder"]) for r in rows)
+
+
+def test_exported_submodel_file_roundtrip(trained, tmp_path, monkeypatch):
+    result, _ = trained
+    monkeypatch.setattr(sys, "argv", ["export"])
+    full_bytes = os.path.getsize(result["saved_model_file"])
+    sizes_on_disk = []
+    for size in SIZES:
+        path = tmp_path / f"sub{size}.pth"
+        assert (
+            export_cli.main(
+                [f"--model_file={result['saved_model_file']}", f"--size={size}", f"--output={path}"]
+            )
+            == 0
+        )
+        assert read_portable(path) is not None  # plain data + tensors: loads with weights_only=True
+        sizes_on_disk.append(path.stat().st_size)
+    assert sizes_on_disk == sorted(sizes_on_disk) and sizes_on_disk[-1] < full_bytes
+
+    _, nested, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
+    config, small, _, train_data, _, _ = load_data_and_model(str(tmp_path / "sub16.pth"))
+    assert small.hidden_size == 16 and small.mrl_sizes == [8, 16]
+    nested.eval(), small.eval()
+    with torch.no_grad():
+        for batch, *_ in test_data:  # the same top-10 for every test user
+            expected = nested.full_sort_predict_sizes(batch)[1].topk(10).indices
+            assert torch.equal(small.full_sort_predict(batch).topk(10).indices, expected)
+    trainer = Trainer(config, small)  # RecBole's plain Trainer loads and evaluates the exported file
+    trainer.eval_collector.data_collect(train_data)
+    plain = trainer.evaluate(test_data, load_best_model=True, model_file=str(tmp_path / "sub16.pth"))
+    assert dict(plain) == pytest.approx(dict(result["test_result_by_size"][16]), abs=1e-4)
+
+
+def test_checkpoint_of_wrong_size_or_model_is_rejected_clearly(trained, tmp_path, monkeypatch):
+    result, _ = trained
+    monkeypatch.setattr(sys, "argv", ["export"])
+    export_cli.main(
+        [f"--model_file={result['saved_model_file']}", "--size=8", f"--output={tmp_path / 's8.pth'}"]
+    )
+    _, full, *_ = load_data_and_model(result["saved_model_file"])
+    with pytest.raises(CheckpointMismatchError, match="different sizes"):
+        check_fits(full, read_portable(tmp_path / "s8.pth")["state_dict"], "s8.pth")
+    with pytest.raises(CheckpointMismatchError, match="another model type"):
+        check_fits(full, {"user_embedding.weight": torch.zeros(3, 8)}, "bpr.pth")
+
+
+def test_export_of_a_size_not_in_the_nesting_fails(trained, tmp_path, monkeypatch, capsys):
+    result, _ = trained
+    monkeypatch.setattr(sys, "argv", ["export"])
+    assert (
+        export_cli.main(
+            [f"--model_file={result['saved_model_file']}", "--size=12", f"--output={tmp_path / 'x.pth'}"]
+        )
+        == 2
+    )
+    assert "size=12 is not one of the model's mrl_sizes [8, 16, 32]" in capsys.readouterr().err
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_evaluation_cli_reevaluates_a_checkpoint(trained, tmp_path, monkeypatch, capsys):
+    result, _ = trained
+    monkeypatch.setattr(sys, "argv", ["evaluation"])
+    assert evaluation_cli([f"--model_file={result['saved_model_file']}", f"--out_dir={tmp_path}"]) == 0
+    assert "ndcg@10" in capsys.readouterr().out
+    assert (tmp_path / "matryoshka_mm-sample_fMRLRec.json").is_file()
+
+
+def test_non_nested_model_is_refused(in_tmp):
+    result = run_recbole_fmrl("Pop", "mm-sample", config_dict={**FAST, "checkpoint_dir": str(in_tmp)})
+    assert "test_result_by_size" not in result
+    config, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
+    with pytest.raises(TypeError, match="does not speak the Matryoshka protocol"):
+        evaluate_all_sizes(Trainer(config, model), test_data)
