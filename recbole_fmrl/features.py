@@ -21,12 +21,15 @@ from recbole_fmrl.data.features import FeatureError, as_list, load_item_features
 
 
 def export_atomic(features: dict, dataset, out_dir: Path, name: str) -> Path:
-    """Write ``<name>.itememb`` (item_id:token, <modality>_emb:float_seq) for RecBole's ``preload_weight``."""
+    """Write ``<name>.itememb`` (iid:token, <modality>_emb:float_seq) for RecBole's ``preload_weight``.
+
+    RecBole's convention: the embedding file has its own id field, aliased to the item id.
+    """
     tokens = dataset.field2id_token[dataset.iid_field]
     path = out_dir / f"{name}.itememb"
     mods = list(features)
     with open(path, "w") as f:
-        f.write("\t".join(["item_id:token"] + [f"{m}_emb:float_seq" for m in mods]) + "\n")
+        f.write("\t".join(["iid:token"] + [f"{m}_emb:float_seq" for m in mods]) + "\n")
         for i in range(1, len(tokens)):
             cols = [" ".join(f"{v:.6g}" for v in features[m][i].tolist()) for m in mods]
             f.write("\t".join([str(tokens[i]), *cols]) + "\n")
@@ -59,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if export:
         path = export_atomic(features, dataset, Path(config["data_path"]), dataset_name)
+        m = list(features)[0]
         print(
-            f"  atomic features: {path} (additional_feat_suffix: [itememb], preload_weight: {{item_id: <m>_emb}})"
+            f"  atomic features: {path}\n  use it in any RecBole model: additional_feat_suffix: [itememb], "
+            f"load_col: {{itememb: [iid, {m}_emb]}}, alias_of_item_id: [iid], preload_weight: {{iid: {m}_emb}}"
         )
     return 0
 
