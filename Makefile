@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_ARGS ?= --model=fMRLRec --dataset=mm-sample
+DEMO_ARGS ?= --model=fMRLRec --dataset=mm-sample --config_files=properties/profiles/fMRLRec-cpu.yaml
 
 .PHONY: demo test lint bench data clean
 

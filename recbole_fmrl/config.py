@@ -32,17 +32,30 @@ class Config(RecBoleConfig):
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         props = properties_dir()
-        for file in (
-            props / "overall.yaml",
-            props / "model" / f"{model}.yaml",
-            props / "dataset" / f"{dataset}.yaml",
-        ):
+        files = [props / "overall.yaml", props / "model" / f"{model}.yaml"]
+        cpu_profile = props / "profiles" / f"{model}-cpu.yaml"
+        if cpu_profile.is_file() and self._wants_cpu_profile():
+            files.append(cpu_profile)
+        files.append(props / "dataset" / f"{dataset}.yaml")
+        for file in files:
             if file.is_file():
                 config_dict = self._update_internal_config_dict(str(file))
                 if file.parent.name == "dataset":
                     self.parameters["Dataset"] += [
                         k for k in config_dict if k not in self.parameters["Dataset"]
                     ]
+
+    def _wants_cpu_profile(self) -> bool:
+        """``device_profile: auto`` (default) picks the model's CPU profile when there is no usable GPU."""
+        setting = self.external_config_dict.get(
+            "device_profile", self.internal_config_dict.get("device_profile")
+        )
+        if setting in ("cpu", "paper"):
+            return setting == "cpu"
+        import torch
+
+        use_gpu = self.external_config_dict.get("use_gpu", self.internal_config_dict.get("use_gpu", True))
+        return not (use_gpu and torch.cuda.is_available())
 
     def _set_default_parameters(self):
         final, external = self.final_config_dict, self.external_config_dict

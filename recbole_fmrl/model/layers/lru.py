@@ -105,20 +105,11 @@ class LRUBlock(nn.Module):
 
 
 class LRUEncoder(nn.Module):
-    def __init__(
-        self,
-        sizes: Sequence[int],
-        n_layers: int,
-        dropout: float,
-        attn_dropout: float,
-        r_min: float,
-        r_max: float,
-        bias: bool = True,
-    ):
+    """``n_layers`` LRU blocks; ``block_args`` (dropout, attn_dropout, r_min, r_max, bias) go to each block."""
+
+    def __init__(self, sizes: Sequence[int], n_layers: int, **block_args):
         super().__init__()
-        self.blocks = nn.ModuleList(
-            LRUBlock(sizes, dropout, attn_dropout, r_min, r_max, bias) for _ in range(n_layers)
-        )
+        self.blocks = nn.ModuleList(LRUBlock(sizes, **block_args) for _ in range(n_layers))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:

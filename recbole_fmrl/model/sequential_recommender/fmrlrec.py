@@ -115,11 +115,11 @@ class fMRLRec(SequentialRecommender):  # noqa: N801  (the paper's name; RecBole 
         self.encoder = LRUEncoder(
             self.mrl_sizes,
             int(config["n_layers"]),
-            config["dropout_prob"],
-            config["attn_dropout_prob"],
-            config["r_min"],
-            config["r_max"],
-            bool(config["use_bias"]),
+            dropout=config["dropout_prob"],
+            attn_dropout=config["attn_dropout_prob"],
+            r_min=config["r_min"],
+            r_max=config["r_max"],
+            bias=bool(config["use_bias"]),
         )
 
     def slice_(self, sizes: list[int]) -> None:
