@@ -72,7 +72,7 @@ class MRL4Rec(GeneralRecommender):
                 new = nn.Embedding(old.num_embeddings, m).to(old.weight)
                 new.weight.copy_(old.weight[:, :m])
                 setattr(self, name, new)
-        self.embedding_size, self.mrl_sizes = m, list(sizes)
+        self.embedding_size = m
         self.eval_size = min(self.eval_size, m) if self.eval_size in sizes else m
         weights = self.size_weights[: len(sizes)]
         self.size_weights = weights / weights.sum()

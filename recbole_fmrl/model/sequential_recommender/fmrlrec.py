@@ -20,6 +20,7 @@ from recbole_fmrl.model.layers.matryoshka import (
     iter_nested_scores,
     nested_scores,
     size_index,
+    slice_protocol_,
 )
 
 TRAIN_MODES = ("prefix", "all_positions")
@@ -124,10 +125,8 @@ class fMRLRec(SequentialRecommender):  # noqa: N801  (the paper's name; RecBole 
 
     def slice_(self, sizes: list[int]) -> None:
         """Become the size-``sizes[-1]`` model (its nested sub-modules slice themselves)."""
-        self.hidden_size, self.mrl_sizes = sizes[-1], list(sizes)
-        self.eval_size = min(self.eval_size, sizes[-1]) if self.eval_size in sizes else sizes[-1]
-        weights = self.size_weights[: len(sizes)]
-        self.size_weights = weights / weights.sum()
+        self.hidden_size = sizes[-1]
+        slice_protocol_(self, sizes)
 
     def encode(self, item_seq: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Hidden states ``[B, L, D]`` of the (right-padded) sequences, given all item embeddings."""
