@@ -15,8 +15,13 @@ from recbole.utils import InputType
 from torch import nn
 from torch.nn import functional as F
 
-from recbole_fmrl.model.layers.matryoshka import check_sizes, nested_scores, size_index
-from recbole_fmrl.model.sequential_recommender.fmrlrec import loss_weights
+from recbole_fmrl.model.layers.matryoshka import (
+    check_sizes,
+    loss_weights,
+    nested_scores,
+    size_index,
+    slice_protocol_,
+)
 
 NEG_MODES = ("mns", "rns", "dns")
 DENSE_LOOKUP_CELLS = 1 << 28  # 256 MB of booleans
@@ -73,9 +78,7 @@ class MRL4Rec(GeneralRecommender):
                 new.weight.copy_(old.weight[:, :m])
                 setattr(self, name, new)
         self.embedding_size = m
-        self.eval_size = min(self.eval_size, m) if self.eval_size in sizes else m
-        weights = self.size_weights[: len(sizes)]
-        self.size_weights = weights / weights.sum()
+        slice_protocol_(self, sizes)
         self._eval_cache = None
 
     def train(self, mode: bool = True):

@@ -162,6 +162,20 @@ def nested_scores(query: torch.Tensor, items: torch.Tensor, sizes: Sequence[int]
     return out.view(len(sizes), *query.shape[:-1], items.size(0))
 
 
+def loss_weights(config, n_sizes: int) -> torch.Tensor:
+    """Per-size loss weights, normalised to sum 1 (default: uniform, i.e. the mean over sizes)."""
+    weights = config["mrl_loss_weights"]
+    if weights is None:
+        return torch.full((n_sizes,), 1.0 / n_sizes)
+    weights = torch.tensor([float(w) for w in weights])
+    if len(weights) != n_sizes or (weights < 0).any() or weights.sum() <= 0:
+        raise MatryoshkaSizeError(
+            f"mrl_loss_weights {weights.tolist()} must have one non-negative weight per size "
+            f"({n_sizes} sizes) and a positive sum."
+        )
+    return weights / weights.sum()
+
+
 def slice_protocol_(model, sizes: Sequence[int]) -> None:
     """Cut a nested model's Matryoshka bookkeeping (sizes, eval_size, loss weights) to a prefix of sizes."""
     model.mrl_sizes = list(sizes)

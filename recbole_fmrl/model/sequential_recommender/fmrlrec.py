@@ -15,29 +15,15 @@ from torch.nn import functional as F
 from recbole_fmrl.data.features import as_list, load_item_features
 from recbole_fmrl.model.layers.lru import LRUEncoder
 from recbole_fmrl.model.layers.matryoshka import (
-    MatryoshkaSizeError,
     check_sizes,
     iter_nested_scores,
+    loss_weights,
     nested_scores,
     size_index,
     slice_protocol_,
 )
 
 TRAIN_MODES = ("prefix", "all_positions")
-
-
-def loss_weights(config, n_sizes: int) -> torch.Tensor:
-    """Per-size loss weights, normalised to sum 1 (default: uniform, i.e. the mean over sizes)."""
-    weights = config["mrl_loss_weights"]
-    if weights is None:
-        return torch.full((n_sizes,), 1.0 / n_sizes)
-    weights = torch.tensor([float(w) for w in weights])
-    if len(weights) != n_sizes or (weights < 0).any() or weights.sum() <= 0:
-        raise MatryoshkaSizeError(
-            f"mrl_loss_weights {weights.tolist()} must have one non-negative weight per size "
-            f"({n_sizes} sizes) and a positive sum."
-        )
-    return weights / weights.sum()
 
 
 class ItemTower(nn.Module):
