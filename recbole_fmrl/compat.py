@@ -1,4 +1,5 @@
-"""Every fix RecBole 1.2.1 needs on today's stack (numpy 2, torch >= 2.6, recent scipy, ray 2.6.3).
+"""Every fix RecBole 1.2.1 needs on today's stack (numpy 2, torch >= 2.6, recent scipy, ray 2.6.3), plus
+one bug of its own that breaks metrics our evaluator must support (training statistics in the Collector).
 
 Applied once by ``import recbole_fmrl``, before RecBole or ray are imported, so user code never sees the
 breakages. Each fix is narrow and idempotent and has a test in ``tests/test_compat.py`` that fails without it.
@@ -69,6 +70,31 @@ def _patch_scipy_dok() -> None:
 
     if not hasattr(sp.dok_matrix, "_update"):
         sp.dok_matrix._update = _dok_update
+
+
+def _data_struct_to_cpu(self):
+    """RecBole's ``get_data_struct`` with only tensors moved to the CPU.
+
+    RecBole 1.2.1 calls ``.cpu()`` on every collected entry, including the int/Counter training statistics
+    that ``data_collect`` stores, so ItemCoverage, AveragePopularity and TailPercentage always crash.
+    """
+    import copy
+
+    data = self.data_struct._data_dict
+    for key, value in data.items():
+        if isinstance(value, torch.Tensor):
+            data[key] = value.cpu()
+    returned = copy.deepcopy(self.data_struct)
+    for key in ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label"):
+        if key in self.data_struct:
+            del self.data_struct[key]
+    return returned
+
+
+def _patch_recbole_collector() -> None:
+    from recbole.evaluator.collector import Collector
+
+    Collector.get_data_struct = _data_struct_to_cpu
 
 
 # --- torch >= 2.6: ``torch.load`` defaults to ``weights_only=True``, and RecBole checkpoints pickle the
@@ -184,5 +210,6 @@ def apply() -> None:
     _patch_scipy_dok()
     _patch_recbole_config()
     _patch_recbole_checkpoints()
+    _patch_recbole_collector()
     _applied = True
     _route_load_data_and_model()

@@ -119,3 +119,14 @@ def test_missing_values_are_filled_and_token_seq_loads(tmp_path, in_tmp):
     i2 = dataset.token2id("item_id", "i2")
     tags = [dataset.id2token("tags", t) for t in items["tags"][i2].tolist() if t != 0]
     assert tags == ["b", "c", "d"]
+
+
+def test_coverage_and_popularity_metrics_run_in_recbole_own_trainer(in_tmp):
+    metrics = ["Recall", "ItemCoverage", "AveragePopularity", "TailPercentage"]
+    result = run_recbole_fmrl(
+        "Pop",
+        "mm-sample",
+        config_dict={**FAST, "metrics": metrics, "valid_metric": "Recall@10", "checkpoint_dir": str(in_tmp)},
+    )
+    test = result["test_result"]
+    assert 0 < test["itemcoverage@10"] <= 1 and test["averagepopularity@10"] > 0
