@@ -7,12 +7,15 @@ import sys
 import pytest
 import torch
 from conftest import FAST
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from recbole.trainer import Trainer
 
 from recbole_fmrl import export as export_cli
 from recbole_fmrl.evaluation import evaluate_all_sizes
 from recbole_fmrl.evaluation.__main__ import main as evaluation_cli
 from recbole_fmrl.evaluation.checkpoint import CheckpointMismatchError, check_fits, read_portable
+from recbole_fmrl.evaluation.matryoshka import _Positives
 from recbole_fmrl.quick_start import load_data_and_model, run_recbole_fmrl
 
 SIZES = [8, 16, 32]
@@ -135,3 +138,51 @@ def test_non_nested_model_is_refused(in_tmp):
     config, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
     with pytest.raises(TypeError, match="does not speak the Matryoshka protocol"):
         evaluate_all_sizes(Trainer(config, model), test_data)
+
+
+EVERY_METRIC_FAMILY = [
+    "Recall", "MRR", "NDCG", "Hit", "MAP", "Precision",  # rec.topk
+    "GAUC",  # rec.meanrank, through RecBole's own collector
+    "ItemCoverage", "AveragePopularity", "GiniIndex", "ShannonEntropy", "TailPercentage",  # rec.items
+]  # fmt: skip
+
+
+def test_every_metric_family_and_topk_equals_separate_evaluations(trained):
+    result, _ = trained
+    config, model, _, train_data, _, test_data = load_data_and_model(result["saved_model_file"])
+    config["metrics"], config["topk"] = EVERY_METRIC_FAMILY, [3, 10]
+    trainer = Trainer(config, model)
+    trainer.eval_collector.data_collect(train_data)
+    by_size = evaluate_all_sizes(trainer, test_data)
+    assert {"gauc", "itemcoverage@10", "tailpercentage@3", "map@10"} <= set(by_size[8])
+    for size in SIZES:
+        model.eval_size = size
+        separate = Trainer(config, model)
+        separate.eval_collector.data_collect(train_data)
+        expected = separate.evaluate(test_data, load_best_model=False)
+        assert dict(by_size[size]) == pytest.approx(dict(expected), abs=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_users=st.integers(1, 6),
+    n_items=st.integers(2, 12),
+    data=st.data(),
+)
+def test_shared_positives_equal_recbole_dense_lookup(n_users, n_items, data):
+    """Hits and lengths from sorted keys equal RecBole's dense 0/1 matrix, duplicates and empty rows included."""
+    n_pos = data.draw(st.integers(0, 3 * n_users))
+    positive_u = torch.tensor(
+        data.draw(st.lists(st.integers(0, n_users - 1), min_size=n_pos, max_size=n_pos))
+    )
+    positive_i = torch.tensor(
+        data.draw(st.lists(st.integers(0, n_items - 1), min_size=n_pos, max_size=n_pos))
+    )
+    k = data.draw(st.integers(1, n_items))
+    topk_idx = torch.rand(n_users, n_items).topk(k).indices
+    dense = torch.zeros(n_users, n_items, dtype=torch.int)
+    dense[positive_u.long(), positive_i.long()] = 1
+    expected = torch.cat((dense.gather(1, topk_idx), dense.sum(dim=1, keepdim=True)), dim=1)
+    positives = _Positives(positive_u.long(), positive_i.long(), (n_users, n_items), torch.device("cpu"))
+    got = torch.cat((positives.hits(topk_idx), positives.lengths), dim=1)
+    assert torch.equal(got, expected)

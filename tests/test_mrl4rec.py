@@ -131,3 +131,16 @@ def test_backbone_trains_and_beats_a_random_model(ml100k, in_tmp, n_layers):
 def test_bad_config_is_rejected(ml100k, extra, match):
     with pytest.raises(ValueError, match=match):
         build(ml100k, **extra)
+
+
+def test_one_pass_evaluation_equals_per_size_recbole_evaluation(ml100k):
+    """The general-recommender path (users' training items masked via history_index) at every size."""
+    config, train, test = ml100k
+    model = build(ml100k, n_layers=1).eval()
+    trainer = get_trainer(config["MODEL_TYPE"], "MRL4Rec")(config, model)
+    trainer.eval_collector.data_collect(train)
+    by_size = evaluate_all_sizes(trainer, test)
+    for size in model.mrl_sizes:
+        model.eval_size = size
+        expected = trainer.evaluate(test, load_best_model=False)
+        assert dict(by_size[size]) == pytest.approx(dict(expected), abs=1e-4)

@@ -152,6 +152,11 @@ class fMRLRec(SequentialRecommender):  # noqa: N801  (the paper's name; RecBole 
         query, items = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         return nested_scores(query, items, self.mrl_sizes)
 
+    def iter_full_sort_predict_sizes(self, interaction):
+        """The same scores one size at a time, ``[B, n_items]`` each: no stacked copy for the evaluator."""
+        query, items = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        yield from iter_nested_scores(query, items, self.mrl_sizes)
+
     def full_sort_predict(self, interaction) -> torch.Tensor:
         query, items = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         m = self.eval_size
