@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     nested.eval(), small.eval()
     k = nested.mrl_sizes.index(args.size)
     users = same = 0
+    max_diff = 0.0
     t_nested = t_small = 0.0
     with torch.no_grad():
         for batch, *_ in test_data:
@@ -45,12 +46,15 @@ def main(argv: list[str] | None = None) -> int:
             t_small += time.perf_counter() - start
             expected[:, 0] = got[:, 0] = -float("inf")  # padding item, as RecBole masks it
             same += int((got.topk(10).indices == expected.topk(10).indices).all(dim=1).sum())
+            finite = torch.isfinite(expected)
+            max_diff = max(max_diff, float((got - expected)[finite].abs().max()))
             users += len(expected)
     result = {
         "model_file": args.model_file,
         "size": args.size,
         "test_users": users,
         "identical_top10_users": same,
+        "max_abs_score_diff": max_diff,
         "full_checkpoint_bytes": os.path.getsize(args.model_file),
         "exported_bytes": os.path.getsize(output),
         "nested_all_sizes_scoring_s": t_nested,

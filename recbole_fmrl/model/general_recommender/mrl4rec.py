@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from recbole_fmrl.model.layers.matryoshka import (
     check_sizes,
-    iter_nested_scores,
+    iter_size_scores,
     loss_weights,
     nested_scores,
     size_index,
@@ -177,7 +177,7 @@ class MRL4Rec(GeneralRecommender):
     def iter_full_sort_predict_sizes(self, interaction):
         """The same scores one size at a time, ``[B, n_items]`` each: no stacked copy for the evaluator."""
         user_all, item_all = self._representations()
-        yield from iter_nested_scores(user_all[interaction[self.USER_ID]], item_all, self.mrl_sizes)
+        yield from iter_size_scores(user_all[interaction[self.USER_ID]], item_all, self.mrl_sizes)
 
     def full_sort_predict(self, interaction) -> torch.Tensor:
         user_all, item_all = self._representations()

@@ -155,10 +155,21 @@ def iter_nested_scores(query: torch.Tensor, items: torch.Tensor, sizes: Sequence
         yield scores
 
 
+def iter_size_scores(query: torch.Tensor, items: torch.Tensor, sizes: Sequence[int]):
+    """Yield each size's scores as its exported model computes them: ``query[:, :m] @ items[:, :m].T``.
+
+    For evaluation and serving. The fused sum in ``iter_nested_scores`` adds in another order, and a last-bit
+    difference can swap two near-tied items; this gives the standalone size-m model's scores bit for bit
+    (same GEMM shape) at a cost of at most twice one full-size GEMM for doubling sizes.
+    """
+    for end in sizes:
+        yield query[:, :end] @ items[:, :end].T
+
+
 def nested_scores(query: torch.Tensor, items: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """Scores at every size, ``[K, *query.shape[:-1], n_items]``, from prefix partial dot products."""
+    """Scores at every size, ``[K, *query.shape[:-1], n_items]``, each as its exported model computes them."""
     flat = query.reshape(-1, query.size(-1))
-    out = torch.stack(list(iter_nested_scores(flat, items, sizes)))
+    out = torch.stack(list(iter_size_scores(flat, items, sizes)))
     return out.view(len(sizes), *query.shape[:-1], items.size(0))
 
 

@@ -17,6 +17,7 @@ from recbole_fmrl.model.layers.lru import LRUEncoder
 from recbole_fmrl.model.layers.matryoshka import (
     check_sizes,
     iter_nested_scores,
+    iter_size_scores,
     loss_weights,
     nested_scores,
     size_index,
@@ -155,7 +156,7 @@ class fMRLRec(SequentialRecommender):  # noqa: N801  (the paper's name; RecBole 
     def iter_full_sort_predict_sizes(self, interaction):
         """The same scores one size at a time, ``[B, n_items]`` each: no stacked copy for the evaluator."""
         query, items = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        yield from iter_nested_scores(query, items, self.mrl_sizes)
+        yield from iter_size_scores(query, items, self.mrl_sizes)
 
     def full_sort_predict(self, interaction) -> torch.Tensor:
         query, items = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
