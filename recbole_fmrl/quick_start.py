@@ -11,6 +11,7 @@ import sys
 from logging import getLogger
 
 from recbole.data import create_dataset, data_preparation
+from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_fmrl import compat
@@ -49,13 +50,14 @@ def run_recbole_fmrl(
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     logger.info(model)
 
+    by_size = speaks_matryoshka(model) and _full_ranking(test_data, logger)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
-    if speaks_matryoshka(model):
+    if by_size:
         result_by_size = report_all_sizes(config, trainer, test_data)
     environment_tb = get_environment(config)
     logger.info("The running environment of this training is as follows:\n" + environment_tb.draw())
@@ -69,9 +71,20 @@ def run_recbole_fmrl(
         "test_result": test_result,
         "saved_model_file": trainer.saved_model_file if saved else None,
     }
-    if speaks_matryoshka(model):
+    if by_size:
         result["test_result_by_size"] = result_by_size
     return result
+
+
+def _full_ranking(test_data, logger) -> bool:
+    """Whether the per-size report can run; said before training, so a sampled-eval run is not lost."""
+    if isinstance(test_data, FullSortEvalDataLoader):
+        return True
+    logger.warning(
+        "The per-size (Matryoshka) report needs full ranking, and this run's test set uses sampled "
+        "evaluation: only eval_size is reported. For every size, set eval_args mode to 'full'."
+    )
+    return False
 
 
 def report_all_sizes(config, trainer, test_data) -> dict:

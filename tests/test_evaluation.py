@@ -186,3 +186,17 @@ def test_shared_positives_equal_recbole_dense_lookup(n_users, n_items, data):
     positives = _Positives(positive_u.long(), positive_i.long(), (n_users, n_items), torch.device("cpu"))
     got = torch.cat((positives.hits(topk_idx), positives.lengths), dim=1)
     assert torch.equal(got, expected)
+
+
+def test_sampled_evaluation_run_keeps_its_result_and_skips_the_size_table(
+    in_tmp, caplog, monkeypatch, capsys
+):
+    eval_args = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni100"}
+    config = {**FAST, "modalities": [], "use_id_embedding": True, "hidden_size": 16, "mrl_sizes": [8, 16]}
+    result = run_recbole_fmrl(
+        "fMRLRec", "mm-sample", config_dict={**config, "eval_args": eval_args, "checkpoint_dir": str(in_tmp)}
+    )
+    assert "ndcg@10" in result["test_result"] and "test_result_by_size" not in result
+    monkeypatch.setattr(sys, "argv", ["evaluation"])
+    assert evaluation_cli([f"--model_file={result['saved_model_file']}"]) == 2
+    assert "needs full ranking: set eval_args mode to 'full'" in capsys.readouterr().err

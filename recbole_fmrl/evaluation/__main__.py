@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     trainer.eval_collector.data_collect(train_data)
     data = test_data if args.split == "test" else valid_data
-    by_size = evaluate_all_sizes(trainer, data)
+    try:
+        by_size = evaluate_all_sizes(trainer, data)
+    except ValueError as error:  # sampled evaluation in the checkpoint's config
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     costs = size_costs(model, data, config["device"])
     print(format_table(by_size, costs))
     files = write_report(
