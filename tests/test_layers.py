@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
-from recbole_fmrl.model.layers.lru import LRULayer, parallel_scan, sequential_scan
+from recbole_fmrl.model.layers.lru import LRUEncoder, LRULayer, parallel_scan, sequential_scan
 from recbole_fmrl.model.layers.matryoshka import (
     MatryoshkaLayerNorm,
     MatryoshkaLinear,
@@ -139,3 +139,24 @@ def test_eval_size_must_be_a_nesting_size():
     assert size_index([8, 16, 32], 16) == 1
     with pytest.raises(MatryoshkaSizeError, match="eval_size=12 is not one of"):
         size_index([8, 16, 32], 12)
+
+
+@FAST
+@given(
+    sizes=nestings,
+    seed=st.integers(0, 10_000),
+    n_layers=st.integers(1, 3),
+    length=st.integers(1, 40),
+    r_max=st.sampled_from([0.1, 0.9, 0.999]),
+)
+def test_encoder_state_at_last_positions_equals_gathered_full_pass(sizes, seed, n_layers, length, r_max):
+    """Inference's shortcut (weighted sum for the state, position-wise maps on B rows) = the full scan."""
+    torch.manual_seed(seed)
+    blocks = dict(dropout=0.0, attn_dropout=0.0, r_min=0.0, r_max=r_max)
+    encoder = LRUEncoder(sizes, n_layers, **blocks).eval()
+    lengths = torch.randint(1, length + 1, (5,))
+    mask = torch.arange(length) < lengths.unsqueeze(1)  # right padding, as RecBole's
+    x = torch.randn(5, length, sizes[-1]) * mask.unsqueeze(-1)
+    last = torch.stack([torch.randint(0, int(n), ()) for n in lengths])  # any position, not only the end
+    full = encoder(x, mask)
+    torch.testing.assert_close(encoder(x, mask, last), full[torch.arange(5), last], rtol=1e-4, atol=1e-4)

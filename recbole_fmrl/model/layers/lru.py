@@ -73,12 +73,22 @@ class LRULayer(nn.Module):
     def lam(self) -> torch.Tensor:
         return torch.polar(torch.exp(-torch.exp(self.nu_log)), torch.exp(self.theta_log))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Outputs ``[B, L, D]``; with ``last`` (one position per row), only those, ``[B, D]``."""
         gamma = torch.exp(self.gamma_log)
         keep = mask.unsqueeze(-1).to(x.dtype)  # padded steps feed nothing into the state
         b = torch.complex(self.in_re(x) * gamma * keep, self.in_im(x) * gamma * keep)
-        h = parallel_scan(self.lam(), b)
+        h = parallel_scan(self.lam(), b) if last is None else self._state_at(b, last)
         return self.dropout(self.out_re(h.real) - self.out_im(h.imag))
+
+    def _state_at(self, b: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """h_last = sum_t lam^(last - t) b_t: one weighted sum instead of the whole scan, for inference."""
+        lag = last.unsqueeze(1) - torch.arange(b.size(1), device=b.device)  # [B, L]; < 0 after ``last``
+        lag = lag.unsqueeze(-1).to(self.nu_log.dtype)
+        powers = torch.polar(
+            torch.exp(-torch.exp(self.nu_log) * lag.clamp(min=0)), torch.exp(self.theta_log) * lag
+        )
+        return (powers * b * (lag >= 0)).sum(dim=1)
 
 
 class LRUBlock(nn.Module):
@@ -99,8 +109,11 @@ class LRUBlock(nn.Module):
         self.norm_ffn = MatryoshkaLayerNorm(sizes)
         self.ffn = MatryoshkaFeedForward(sizes, dropout=dropout, bias=bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.lru(self.norm_in(x), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, L, D]``; with ``last``, only the rows at those positions, ``[B, D]`` (position-wise maps
+        and the FFN then run on B rows instead of B*L)."""
+        residual = x if last is None else x[torch.arange(x.size(0), device=x.device), last]
+        x = residual + self.lru(self.norm_in(x), mask, last)
         return x + self.ffn(self.norm_ffn(x))
 
 
@@ -111,7 +124,9 @@ class LRUEncoder(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(LRUBlock(sizes, **block_args) for _ in range(n_layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states ``[B, L, D]``; with ``last``, only the final block's output at those positions."""
+        *body, final = self.blocks
+        for block in body:
             x = block(x, mask)
-        return x
+        return final(x, mask, last)

@@ -115,18 +115,20 @@ class fMRLRec(SequentialRecommender):  # noqa: N801  (the paper's name; RecBole 
         self.hidden_size = sizes[-1]
         slice_protocol_(self, sizes)
 
-    def encode(self, item_seq: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Hidden states ``[B, L, D]`` of the (right-padded) sequences, given all item embeddings."""
+    def encode(
+        self, item_seq: torch.Tensor, items: torch.Tensor, last: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Hidden states ``[B, L, D]`` of the (right-padded) sequences, given all item embeddings; with
+        ``last``, only the state at that position of each row, ``[B, D]``."""
         x = self.emb_dropout(items[item_seq])
-        return self.encoder(x, item_seq > 0)
+        return self.encoder(x, item_seq > 0, last)
 
     def forward(
         self, item_seq: torch.Tensor, item_seq_len: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(last hidden state ``[B, D]``, all item embeddings ``[N, D]``)."""
         items = self.item_tower()
-        hidden = self.encode(item_seq, items)
-        return self.gather_indexes(hidden, item_seq_len - 1), items
+        return self.encode(item_seq, items, item_seq_len - 1), items
 
     def _nested_ce(self, query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Weighted mean over sizes of the full cross-entropy over all items."""
@@ -138,10 +140,11 @@ class fMRLRec(SequentialRecommender):  # noqa: N801  (the paper's name; RecBole 
     def calculate_loss(self, interaction) -> torch.Tensor:
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         pos_items = interaction[self.POS_ITEM_ID]
+        if self.train_mode == "prefix":
+            query, items = self.forward(item_seq, item_seq_len)
+            return self._nested_ce(query, items, pos_items)
         items = self.item_tower()
         hidden = self.encode(item_seq, items)
-        if self.train_mode == "prefix":
-            return self._nested_ce(self.gather_indexes(hidden, item_seq_len - 1), items, pos_items)
         # all_positions: next-item loss at every valid position of the window, one encoder pass.
         targets = torch.cat([item_seq[:, 1:], torch.zeros_like(item_seq[:, :1])], dim=1)
         targets = targets.scatter(1, (item_seq_len - 1).unsqueeze(1), pos_items.unsqueeze(1))
