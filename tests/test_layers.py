@@ -13,7 +13,7 @@ from recbole_fmrl.model.layers.matryoshka import (
     MatryoshkaSizeError,
     check_sizes,
     iter_nested_scores,
-    nested_scores,
+    iter_size_scores,
     size_index,
 )
 
@@ -112,7 +112,7 @@ def test_nested_scores_equal_per_size_products(sizes, seed):
     """Evaluation scores are each size's standalone product bit for bit; the fused training sum is close."""
     torch.manual_seed(seed)
     q, items = torch.randn(3, sizes[-1]), torch.randn(7, sizes[-1])
-    scores = nested_scores(q, items, sizes)
+    scores = torch.stack(list(iter_size_scores(q, items, sizes)))
     for k, (m, fused) in enumerate(zip(sizes, iter_nested_scores(q, items, sizes), strict=True)):
         assert torch.equal(scores[k], q[:, :m] @ items[:, :m].T)
         torch.testing.assert_close(fused, scores[k], rtol=1e-4, atol=1e-4)

@@ -19,7 +19,6 @@ from recbole_fmrl.model.layers.matryoshka import (
     check_sizes,
     iter_size_scores,
     loss_weights,
-    nested_scores,
     size_index,
     slice_protocol_,
 )
@@ -171,8 +170,7 @@ class MRL4Rec(GeneralRecommender):
 
     def full_sort_predict_sizes(self, interaction) -> torch.Tensor:
         """``[K, B, n_items]`` scores at every size from one propagation."""
-        user_all, item_all = self._representations()
-        return nested_scores(user_all[interaction[self.USER_ID]], item_all, self.mrl_sizes)
+        return torch.stack(list(self.iter_full_sort_predict_sizes(interaction)))
 
     def iter_full_sort_predict_sizes(self, interaction):
         """The same scores one size at a time, ``[B, n_items]`` each: no stacked copy for the evaluator."""

@@ -166,13 +166,6 @@ def iter_size_scores(query: torch.Tensor, items: torch.Tensor, sizes: Sequence[i
         yield query[:, :end] @ items[:, :end].T
 
 
-def nested_scores(query: torch.Tensor, items: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """Scores at every size, ``[K, *query.shape[:-1], n_items]``, each as its exported model computes them."""
-    flat = query.reshape(-1, query.size(-1))
-    out = torch.stack(list(iter_size_scores(flat, items, sizes)))
-    return out.view(len(sizes), *query.shape[:-1], items.size(0))
-
-
 def loss_weights(config, n_sizes: int) -> torch.Tensor:
     """Per-size loss weights, normalised to sum 1 (default: uniform, i.e. the mean over sizes)."""
     weights = config["mrl_loss_weights"]

@@ -19,7 +19,6 @@ from recbole_fmrl.model.layers.matryoshka import (
     iter_nested_scores,
     iter_size_scores,
     loss_weights,
-    nested_scores,
     size_index,
     slice_protocol_,
 )
@@ -153,8 +152,7 @@ class fMRLRec(SequentialRecommender):  # noqa: N801  (the paper's name; RecBole 
 
     def full_sort_predict_sizes(self, interaction) -> torch.Tensor:
         """Scores over all items at every size, ``[K, B, n_items]``, from one encoder pass."""
-        query, items = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return nested_scores(query, items, self.mrl_sizes)
+        return torch.stack(list(self.iter_full_sort_predict_sizes(interaction)))
 
     def iter_full_sort_predict_sizes(self, interaction):
         """The same scores one size at a time, ``[B, n_items]`` each: no stacked copy for the evaluator."""
