@@ -23,13 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
 
-    from recbole_fmrl import export
+    from recbole_fmrl.cli import export
     from recbole_fmrl.quick_start import load_data_and_model
 
     output = args.output or str(Path(args.model_file).with_suffix(f".size{args.size}.pth"))
-    sys.argv = sys.argv[:1]
-    assert export.main([f"--model_file={args.model_file}", f"--size={args.size}", f"--output={output}"]) == 0
-    _, nested, _, _, _, test_data = load_data_and_model(args.model_file)
+    cmd = [f"--model_file={args.model_file}", f"--size={args.size}", f"--output={output}", "--trust"]
+    assert export.main(cmd) == 0
+    _, nested, _, _, _, test_data = load_data_and_model(args.model_file, trust=True)
     _, small, _, _, _, _ = load_data_and_model(output)
     nested.eval(), small.eval()
     k = nested.mrl_sizes.index(args.size)

@@ -99,20 +99,37 @@ def _patch_recbole_collector() -> None:
 
 # --- torch >= 2.6: ``torch.load`` defaults to ``weights_only=True``, and RecBole checkpoints pickle the
 # whole Config, so the trainer's best-model reload, resume and ``load_data_and_model`` all fail.
-# Chosen fix (narrow, not the process-wide TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD): only RecBole's trainer and
-# quick_start modules get a ``torch.load`` that unpickles a full object graph, and only for a file this
-# process wrote through RecBole's Trainer or one the caller named explicitly and marked as trusted
-# (``trust_checkpoint``). Every other file goes through torch's safe weights-only loader.
+# Chosen fix (narrow, not the process-wide TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD): only RecBole's trainer gets a
+# ``torch.load`` that unpickles a full object graph, and only for a file this process wrote through RecBole's
+# Trainer or one the user marked as trusted (``trust_checkpoint``). Every other file goes through torch's safe
+# weights-only loader. RecBole's saved datasets and dataloaders (``save_dataset``, ``save_dataloaders``) are
+# plain pickles that ``create_dataset``/``data_preparation`` load whenever the file exists: the same rule
+# applies to them.
 _TRUSTED: set[str] = set()
 
 
+class UntrustedFileError(pickle.UnpicklingError):
+    """A file holds pickled Python objects and nobody said to trust it; the message says how to."""
+
+    def __str__(self) -> str:
+        return " ".join(super().__str__().split())
+
+
 def trust_checkpoint(path: str | os.PathLike) -> None:
-    """Allow RecBole's loaders to unpickle ``path`` (a checkpoint you or your own run wrote)."""
+    """Allow RecBole's loaders to unpickle ``path`` (a checkpoint or saved dataset you or your run wrote)."""
     _TRUSTED.add(os.path.realpath(path))
 
 
 def is_trusted(path: str | os.PathLike) -> bool:
     return os.path.realpath(path) in _TRUSTED
+
+
+def refusal(path, what: str = "checkpoint") -> UntrustedFileError:
+    return UntrustedFileError(
+        f"Refusing to unpickle {what} {path!s}: it holds pickled Python objects (RecBole's format), and "
+        "unpickling a file can run code. If you trust it, pass --trust (CLI), load_data_and_model(path, "
+        "trust=True), or call recbole_fmrl.compat.trust_checkpoint(path) first."
+    )
 
 
 def load_recbole_checkpoint(f, map_location=None, **kwargs):
@@ -124,17 +141,12 @@ def load_recbole_checkpoint(f, map_location=None, **kwargs):
             return torch.load(f, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError:
         if not isinstance(f, (str, os.PathLike)) or not is_trusted(f):
-            raise pickle.UnpicklingError(
-                f"Refusing to unpickle checkpoint {f!s}: it holds Python objects (a RecBole Config) and was "
-                "not written by this run. If you trust the file, call "
-                "recbole_fmrl.compat.trust_checkpoint(path) first, or load it with "
-                "recbole_fmrl.quick_start.load_data_and_model(path), which trusts the file you name."
-            ) from None
+            raise refusal(f) from None
     return torch.load(f, map_location=map_location, weights_only=False, **kwargs)
 
 
 class _TorchWithCheckpointLoad(types.ModuleType):
-    """``torch`` as seen by RecBole's trainer/quick_start modules: everything but ``load`` is torch's."""
+    """``torch`` as seen by RecBole's trainer module: everything but ``load`` is torch's."""
 
     def __init__(self) -> None:
         super().__init__("torch")
@@ -144,6 +156,39 @@ class _TorchWithCheckpointLoad(types.ModuleType):
         return getattr(torch, name)
 
 
+class _GuardedPickle(types.ModuleType):
+    """``pickle`` as seen by RecBole's data modules: files it dumps become trusted, others are refused."""
+
+    def __init__(self) -> None:
+        super().__init__("pickle")
+
+    def __getattr__(self, name: str):
+        return getattr(pickle, name)
+
+    @staticmethod
+    def dump(obj, file, *args, **kwargs):
+        pickle.dump(obj, file, *args, **kwargs)
+        trust_checkpoint(file.name)
+
+    @staticmethod
+    def load(file, *args, **kwargs):
+        name = getattr(file, "name", None)
+        if name is None or not is_trusted(name):
+            raise refusal(
+                name, "saved RecBole dataset/dataloader (delete it to rebuild from the atomic files)"
+            )
+        return pickle.load(file, *args, **kwargs)
+
+
+def _guard_recbole_data_pickles() -> None:
+    from recbole.data import utils
+    from recbole.data.dataset import dataset
+
+    for module in (utils, dataset):
+        if not isinstance(module.pickle, _GuardedPickle):
+            module.pickle = _GuardedPickle()
+
+
 def _patch_recbole_checkpoints() -> None:
     from recbole.trainer import trainer
 
@@ -151,31 +196,13 @@ def _patch_recbole_checkpoints() -> None:
         return
     trainer.torch = _TorchWithCheckpointLoad()
     save = trainer.Trainer._save_checkpoint
-    resume = trainer.Trainer.resume_checkpoint
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         saved = kwargs.get("saved_model_file", self.saved_model_file)
         save(self, epoch, verbose=verbose, **kwargs)
         trust_checkpoint(saved)
 
-    def resume_checkpoint(self, resume_file):
-        trust_checkpoint(resume_file)
-        return resume(self, resume_file)
-
     trainer.Trainer._save_checkpoint = _save_checkpoint
-    trainer.Trainer.resume_checkpoint = resume_checkpoint
-
-
-def _route_load_data_and_model() -> None:
-    # RecBole's own load_data_and_model calls a bare torch.load (fails on torch >= 2.6) and only knows
-    # RecBole's models; ours trusts the file the caller names and also finds the plugin's models.
-    import recbole.quick_start as package
-    from recbole.quick_start import quick_start
-
-    from recbole_fmrl.quick_start import load_data_and_model
-
-    package.load_data_and_model = load_data_and_model
-    quick_start.load_data_and_model = load_data_and_model
 
 
 # Warnings raised inside RecBole/ray on the pinned stack that a user cannot act on: pkg_resources (ray 2.6.3,
@@ -210,6 +237,6 @@ def apply() -> None:
     _patch_scipy_dok()
     _patch_recbole_config()
     _patch_recbole_checkpoints()
+    _guard_recbole_data_pickles()
     _patch_recbole_collector()
     _applied = True
-    _route_load_data_and_model()

@@ -2,25 +2,102 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import sys
+from enum import Enum
 from pathlib import Path
 
+import yaml
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
+from recbole_fmrl.errors import ConfigError, RecboleFmrlError
 from recbole_fmrl.paths import dataset_dirs, properties_dir
 from recbole_fmrl.utils import get_model
 
+_PLAIN = (str, int, float, list, tuple, dict, bool, Enum)
 
-class DatasetNotFoundError(FileNotFoundError):
+
+class DatasetNotFoundError(RecboleFmrlError, FileNotFoundError):
     """The dataset's atomic files are not where RecBole would read them."""
+
+
+def literal_value(text: str):
+    """A command-line/config string as the Python literal it spells (``"[8, 16]"`` -> list), else the string.
+
+    RecBole's own conversion calls ``eval`` on every string value; this reads literals only, so a value such as
+    ``"__import__('os').system(...)"`` stays a string and nothing runs.
+    """
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        lowered = text.lower()
+        return True if lowered == "true" else False if lowered == "false" else text
+    return value if value is None or isinstance(value, _PLAIN) else text
 
 
 class Config(RecBoleConfig):
     """RecBole's Config, plus ``properties/{overall,model/<Model>,dataset/<name>}.yaml`` of this plugin.
 
     Precedence, lowest first: RecBole's defaults, ours, then the user's config files, dict and command line.
+    ``typed_config_dict`` is for values read back from a file (portable checkpoints): they are taken as they
+    are, never converted from strings. ``cli_args`` replaces ``sys.argv[1:]`` as the command line RecBole
+    reads (``[]``: none), so a CLI's ``main(argv)`` honours exactly the argv it is given.
     """
+
+    def __init__(
+        self,
+        model=None,
+        dataset=None,
+        config_file_list=None,
+        config_dict=None,
+        typed_config_dict=None,
+        cli_args: list[str] | None = None,
+    ):
+        self._typed_config_dict = dict(typed_config_dict or {})
+        self._cli_args = cli_args
+        super().__init__(model, dataset, config_file_list, config_dict)
+        check = getattr(self.model_class, "check_config", None)
+        if check is not None:  # the plugin's models validate their keys before any data is read
+            check(self)
+
+    def _convert_config_dict(self, config_dict):
+        for key, value in config_dict.items():
+            if isinstance(value, str):
+                config_dict[key] = literal_value(value)
+        return config_dict
+
+    def _load_config_files(self, file_list):
+        for file in file_list or []:
+            if not os.path.isfile(file):
+                raise ConfigError(f"config file {file} does not exist: fix the path given to --config_files.")
+        try:
+            loaded = super()._load_config_files(file_list)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(
+                f"config file {file_list}:{where} is not valid YAML ({getattr(err, 'problem', err)})."
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config files {file_list}: not UTF-8 text; save them as UTF-8 YAML.") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config files {file_list} must hold key: value pairs (a YAML mapping).")
+        return loaded
+
+    def _load_cmd_line(self):
+        if self._cli_args is None:
+            return super()._load_cmd_line()
+        saved, sys.argv = sys.argv, [sys.argv[0], *self._cli_args]
+        try:
+            return super()._load_cmd_line()
+        finally:
+            sys.argv = saved
+
+    def _load_variable_config_dict(self, config_dict):
+        converted = super()._load_variable_config_dict(config_dict)
+        return {**converted, **self._typed_config_dict}
 
     def _get_model_and_dataset(self, model, dataset):
         if isinstance(model, str) or model is None:

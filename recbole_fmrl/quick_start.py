@@ -6,16 +6,17 @@ Built-in RecBole models run through the same function, data and split, which is 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from logging import getLogger
+from pathlib import Path
 
 from recbole.data import create_dataset, data_preparation
 from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
-from recbole_fmrl import compat
-from recbole_fmrl.config import Config, DatasetNotFoundError
+from recbole_fmrl.cli import config_from_cli, parser, run_cli
+from recbole_fmrl.config import Config
+from recbole_fmrl.data.atomic import check_atomic_files
 from recbole_fmrl.evaluation import (
     evaluate_all_sizes,
     format_table,
@@ -23,8 +24,8 @@ from recbole_fmrl.evaluation import (
     speaks_matryoshka,
     write_report,
 )
-from recbole_fmrl.evaluation.checkpoint import check_fits, read_portable
-from recbole_fmrl.utils import UnknownModelError, get_model, get_trainer
+from recbole_fmrl.evaluation.checkpoint import check_fits, read_checkpoint
+from recbole_fmrl.utils import get_model, get_trainer
 
 
 def run_recbole_fmrl(
@@ -33,9 +34,20 @@ def run_recbole_fmrl(
     config_file_list: list[str] | None = None,
     config_dict: dict | None = None,
     saved: bool = True,
+    cli_args: list[str] | None = None,
 ) -> dict:
-    """Train and test ``model`` on ``dataset``; returns RecBole's result dict."""
-    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    """Train and test ``model`` on ``dataset``; returns RecBole's result dict.
+
+    ``cli_args`` stands for the command line RecBole's Config reads (default: ``sys.argv[1:]``).
+    """
+    config = Config(
+        model=model,
+        dataset=dataset,
+        config_file_list=config_file_list,
+        config_dict=config_dict,
+        cli_args=cli_args,
+    )
+    check_atomic_files(config)  # before any log line: a bad file is one clear error, not a pandas traceback
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
@@ -93,26 +105,28 @@ def report_all_sizes(config, trainer, test_data) -> dict:
     by_size = evaluate_all_sizes(trainer, test_data)
     costs = size_costs(trainer.model, test_data, config["device"])
     logger.info(set_color("test result by size", "yellow") + ":\n" + format_table(by_size, costs))
-    files = write_report(by_size, costs, config["checkpoint_dir"], config["dataset"], config["model"])
+    stem = Path(config["checkpoint_dir"]) / f"{Path(trainer.saved_model_file).stem}-test-sizes"
+    files = write_report(by_size, costs, stem, config["dataset"], config["model"])
     logger.info(f"per-size results written to {files['csv']}, .json and .png")
     return by_size
 
 
-def load_data_and_model(model_file: str):
+def load_data_and_model(model_file: str, trust: bool = False):
     """(config, model, dataset, train_data, valid_data, test_data) from a checkpoint.
 
     Works for the plugin's models and RecBole's. Files in the plugin's portable format (exported
-    sub-models) load without unpickling; a RecBole checkpoint pickles its Config, so naming the file here
-    is taken as trusting it.
+    sub-models) load without unpickling, and their config is rebuilt from its typed values with no string
+    evaluation. A RecBole checkpoint pickles its Config: it loads only with ``trust=True`` (or after
+    ``compat.trust_checkpoint``), or when this process wrote it.
     """
-    portable = read_portable(model_file)
-    if portable is not None:
-        config = Config(model=portable["model"], dataset=portable["dataset"], config_dict=portable["config"])
-        checkpoint = portable
+    checkpoint, portable = read_checkpoint(model_file, trust)
+    if portable:
+        config = Config(
+            model=checkpoint["model"], dataset=checkpoint["dataset"], typed_config_dict=checkpoint["config"]
+        )
     else:
-        compat.trust_checkpoint(model_file)
-        checkpoint = compat.load_recbole_checkpoint(model_file, map_location="cpu")
         config = checkpoint["config"]
+    check_atomic_files(config)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
@@ -130,29 +144,33 @@ def load_data_and_model(model_file: str):
     return config, model, dataset, train_data, valid_data, test_data
 
 
-def _parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="run_recbole_fmrl.py",
-        description="Train and evaluate a recbole-fmrl or RecBole model. Any other --key=value overrides "
-        "a RecBole/plugin config key, e.g. --epochs=5 --MAX_ITEM_LIST_LENGTH=10.",
+def _cli() -> argparse.ArgumentParser:
+    cli = parser(
+        "run_recbole_fmrl.py",
+        "Train and evaluate a recbole-fmrl or RecBole model. Any other --key=value overrides "
+        "a RecBole/plugin config key, e.g. --epochs=5 --MAX_ITEM_LIST_LENGTH=10. --debug shows tracebacks.",
     )
-    parser.add_argument("--model", "-m", default="fMRLRec", help="model name (plugin or RecBole)")
-    parser.add_argument("--dataset", "-d", default="mm-sample", help="dataset name")
-    parser.add_argument("--config_files", default=None, help="space-separated yaml config files")
-    args, _ = parser.parse_known_args(argv)
-    return args
+    cli.add_argument("--model", "-m", default="fMRLRec", help="model name (plugin or RecBole)")
+    cli.add_argument("--dataset", "-d", default="mm-sample", help="dataset name")
+    cli.add_argument("--config_files", default=None, help="space-separated yaml config files")
+    return cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry; RecBole's Config reads the remaining ``--key=value`` pairs from ``sys.argv`` itself."""
-    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    """CLI entry: a bad input is one ``error:`` line and exit 2 (``--debug`` shows the traceback)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args, overrides = config_from_cli(argv, _cli())
     config_files = args.config_files.split() if args.config_files else None
-    try:
-        result = run_recbole_fmrl(model=args.model, dataset=args.dataset, config_file_list=config_files)
-    except (UnknownModelError, DatasetNotFoundError) as err:
-        logging.shutdown()
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = run_recbole_fmrl(
+        model=args.model,
+        dataset=args.dataset,
+        config_file_list=config_files,
+        config_dict=overrides,
+        cli_args=[],
+    )
     metrics = "  ".join(f"{k}={float(v):.4f}" for k, v in result["test_result"].items())
     print(f"test result ({result['model']} on {args.dataset}): {metrics}")
     if "test_result_by_size" in result:

@@ -9,12 +9,13 @@ from pathlib import Path
 from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
 
+from recbole_fmrl.errors import ConfigError
 from recbole_fmrl.paths import properties_dir
 
 _SUBMODULES = ("sequential_recommender", "general_recommender")
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(ConfigError):
     """Neither the plugin nor RecBole has a model of that name."""
 
 
@@ -29,11 +30,16 @@ def _plugin_model_module(model_name: str):
     return None
 
 
+def plugin_models() -> list[str]:
+    """Names of the plugin's own models."""
+    return sorted(p.stem for p in (properties_dir() / "model").glob("*.yaml"))
+
+
 def available_models() -> tuple[list[str], list[str]]:
     """(plugin models, RecBole models), named as their yaml defaults are: that is how users spell them."""
     import recbole
 
-    ours = sorted(p.stem for p in (properties_dir() / "model").glob("*.yaml"))
+    ours = plugin_models()
     theirs = sorted(p.stem for p in (Path(recbole.__file__).parent / "properties" / "model").glob("*.yaml"))
     return ours, theirs
 

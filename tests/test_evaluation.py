@@ -3,6 +3,7 @@
 import csv
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from recbole.trainer import Trainer
 
-from recbole_fmrl import export as export_cli
+from recbole_fmrl.cli import export as export_cli
+from recbole_fmrl.cli.evaluate import main as evaluation_cli
 from recbole_fmrl.evaluation import evaluate_all_sizes
-from recbole_fmrl.evaluation.__main__ import main as evaluation_cli
 from recbole_fmrl.evaluation.checkpoint import CheckpointMismatchError, check_fits, read_portable
 from recbole_fmrl.evaluation.matryoshka import _Positives
 from recbole_fmrl.quick_start import load_data_and_model, run_recbole_fmrl
@@ -59,11 +60,11 @@ def test_each_size_equals_a_separate_recbole_evaluation(trained):
 
 def test_run_writes_table_files(trained):
     result, out = trained
-    stem = out / "matryoshka_mm-sample_fMRLRec"
+    stem = out / f"{Path(result['saved_model_file']).stem}-test-sizes"
     rows = list(csv.DictReader(open(f"{stem}.csv")))
     assert [int(r["size"]) for r in rows] == SIZES
     assert {"ndcg@10", "params_encoder", "params_item_tower", "latency_ms_per_batch"} <= set(rows[0])
-    assert (out / "matryoshka_mm-sample_fMRLRec.png").stat().st_size > 1000
+    assert Path(f"{stem}.png").stat().st_size > 1000
     assert [int(r["params_encoder"]) for r in rows] == sorted(int(r["params_encoder"]) for r in rows)
 
 
@@ -129,7 +130,7 @@ def test_evaluation_cli_reevaluates_a_checkpoint(trained, tmp_path, monkeypatch,
     monkeypatch.setattr(sys, "argv", ["evaluation"])
     assert evaluation_cli([f"--model_file={result['saved_model_file']}", f"--out_dir={tmp_path}"]) == 0
     assert "ndcg@10" in capsys.readouterr().out
-    assert (tmp_path / "matryoshka_mm-sample_fMRLRec.json").is_file()
+    assert (tmp_path / f"{Path(result['saved_model_file']).stem}-test-reeval-sizes.json").is_file()
 
 
 def test_non_nested_model_is_refused(in_tmp):

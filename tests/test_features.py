@@ -11,7 +11,8 @@ import pytest
 import torch
 from recbole.data import create_dataset
 
-from recbole_fmrl import features as features_cli
+from recbole_fmrl.cli import amazon as amazon_cli
+from recbole_fmrl.cli import features as features_cli
 from recbole_fmrl.config import Config
 from recbole_fmrl.data import amazon, features
 from recbole_fmrl.data.features import FeatureError, cached_encode, check_features, encode_modality
@@ -117,13 +118,15 @@ def test_interrupted_encoding_resumes_from_saved_chunks(tmp_path):
         return np.array([[float(x)] for x in batch])
 
     inputs = list(range(10))
+    ids = [f"i{x}" for x in inputs]
     with pytest.raises(KeyboardInterrupt):
-        cached_encode(tmp_path / "f.npy", inputs, flaky, chunk_size=4, desc="test")
-    assert (tmp_path / "f.partial" / "00000.npy").is_file() and not (tmp_path / "f.npy").exists()
+        cached_encode(tmp_path / "f.npz", ids, inputs, flaky, chunk_size=4, desc="test")
+    assert (tmp_path / "f.partial-c4" / "00000000-00000004.npy").is_file() and not (tmp_path / "f.npz").exists()
     calls.clear()
-    out = cached_encode(tmp_path / "f.npy", inputs, lambda b: np.array([[float(x)] for x in b]), 4, "test")
+    out = cached_encode(tmp_path / "f.npz", ids, inputs, lambda b: np.array([[float(x)] for x in b]), 4, "test")
     np.testing.assert_array_equal(out[:, 0], inputs)
-    assert not (tmp_path / "f.partial").exists()
+    assert len(calls) == 0 or calls[0] != [0, 1, 2, 3]  # the first chunk was not encoded again
+    assert not (tmp_path / "f.partial-c4").exists()
 
 
 def test_missing_or_empty_text_fields_become_untitled(mm_copy):
@@ -153,7 +156,7 @@ def test_missing_and_corrupt_images_follow_the_policy(mm_copy, tiny_clip, policy
     if policy == "error":
         with pytest.raises(FeatureError, match="cannot be read.*image_missing=zero"):
             encode_modality(config, dataset, "image")
-        assert list((mm_copy / "cache").rglob("*.partial"))  # chunks done before the bad image are kept
+        assert list((mm_copy / "cache").rglob("*.partial-c64"))  # chunks done before the bad image are kept
         return
     matrix = encode_modality(config, dataset, "image")
     rows = [dataset.token2id("item_id", t) for t in ("i0003", "i0007")]
@@ -271,6 +274,6 @@ def test_amazon_converter_writes_atomic_files_recbole_loads(tmp_path, in_tmp):
 
 def test_amazon_converter_names_the_bad_line(tmp_path, capsys):
     reviews, meta = _write_amazon(tmp_path, bad_line=True)
-    code = amazon.main(["--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / "o")])
+    code = amazon_cli.main(["--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / "o")])
     assert code == 2 and f"{reviews}:37: not a review line" in capsys.readouterr().err
-    assert amazon.main(["--reviews", str(tmp_path / "nope.json"), "--meta", str(meta), "--out", "o"]) == 2
+    assert amazon_cli.main(["--reviews", str(tmp_path / "nope.json"), "--meta", str(meta), "--out", "o"]) == 2

@@ -125,7 +125,7 @@ def test_nested_scores_equal_per_size_products(sizes, seed):
         ([16, 8], 16, "strictly increasing"),
         ([0, 8], 8, "<= 0"),
         ([-4, 8], 8, "<= 0"),
-        ([8, 16], 32, "must equal the hidden size"),
+        ([8, 16], 32, "must equal hidden_size"),
         ([], 8, "empty"),
     ],
 )

@@ -125,7 +125,7 @@ def test_backbone_trains_and_beats_a_random_model(ml100k, in_tmp, n_layers):
     [
         ({"mrl_neg_sampling": "hard"}, "mrl_neg_sampling"),
         ({"n_negs": 0}, "n_negs"),
-        ({"mrl_sizes": [4, 8]}, "hidden size"),
+        ({"mrl_sizes": [4, 8]}, "must equal embedding_size \\(64\\)"),
     ],
 )
 def test_bad_config_is_rejected(ml100k, extra, match):

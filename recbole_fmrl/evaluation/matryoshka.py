@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
 
+from recbole_fmrl.data.atomic import atomic_write_lines
+from recbole_fmrl.errors import ConfigError
 from recbole_fmrl.evaluation.export import (
     checkpoint_size_bytes,
     export_submodel,
@@ -39,7 +42,7 @@ def evaluate_all_sizes(trainer, eval_data, model=None) -> OrderedDict[int, Order
             "full_sort_predict_sizes)."
         )
     if not isinstance(eval_data, FullSortEvalDataLoader):
-        raise ValueError("Matryoshka evaluation needs full ranking: set eval_args mode to 'full'.")
+        raise ConfigError("Matryoshka evaluation needs full ranking: set eval_args mode to 'full'.")
     model.eval()
     n_items = eval_data._dataset.item_num
     collectors = [_SizeCollector(trainer.eval_collector) for _ in model.mrl_sizes]
@@ -173,26 +176,25 @@ def format_table(by_size: dict, costs: dict | None = None) -> str:
     return "\n".join([line(header), *(line(r) for r in rows)])
 
 
-def write_report(by_size: dict, costs: dict | None, out_dir: str | Path, dataset: str, model: str) -> dict:
-    """``matryoshka_<dataset>_<model>.{csv,json,png}`` in ``out_dir``; returns their paths."""
+def write_report(by_size: dict, costs: dict | None, stem: str | Path, dataset: str, model: str) -> dict:
+    """``<stem>.{csv,json,png}``, each written atomically; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"matryoshka_{dataset}_{model}"
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
     records = [
         {"size": size, **{k: float(v) for k, v in result.items()}, **(costs[size] if costs else {})}
         for size, result in by_size.items()
     ]
     keys = list(records[0])
-    with open(f"{stem}.csv", "w") as f:
-        f.write(",".join(keys) + "\n")
-        f.writelines(",".join(str(r[k]) for k in keys) + "\n" for r in records)
-    Path(f"{stem}.json").write_text(
-        json.dumps({"dataset": dataset, "model": model, "by_size": records}, indent=2)
+    atomic_write_lines(
+        f"{stem}.csv", [",".join(keys) + "\n", *(",".join(str(r[k]) for k in keys) + "\n" for r in records)]
+    )
+    atomic_write_lines(
+        f"{stem}.json", [json.dumps({"dataset": dataset, "model": model, "by_size": records}, indent=2)]
     )
 
     sizes = list(by_size)
@@ -207,6 +209,8 @@ def write_report(by_size: dict, costs: dict | None, out_dir: str | Path, dataset
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(f"{stem}.png", dpi=120)
+    tmp = stem.with_name(f".{stem.name}.png.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    os.replace(tmp, f"{stem}.png")
     return {"csv": f"{stem}.csv", "json": f"{stem}.json", "png": f"{stem}.png"}

@@ -15,13 +15,8 @@ from recbole.utils import InputType
 from torch import nn
 from torch.nn import functional as F
 
-from recbole_fmrl.model.layers.matryoshka import (
-    check_sizes,
-    iter_size_scores,
-    loss_weights,
-    size_index,
-    slice_protocol_,
-)
+from recbole_fmrl.errors import ConfigError
+from recbole_fmrl.model.layers.matryoshka import iter_size_scores, nesting_from_config, slice_protocol_
 
 NEG_MODES = ("mns", "rns", "dns")
 DENSE_LOOKUP_CELLS = 1 << 28  # 256 MB of booleans
@@ -30,22 +25,36 @@ DENSE_LOOKUP_CELLS = 1 << 28  # 256 MB of booleans
 class MRL4Rec(GeneralRecommender):
     input_type = InputType.PAIRWISE
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Fail on a bad value before any data is loaded (the plugin's Config calls this)."""
+        nesting_from_config(config, "embedding_size")
+        if config["mrl_neg_sampling"] not in NEG_MODES:
+            raise ConfigError(
+                f"mrl_neg_sampling={config['mrl_neg_sampling']!r} is not valid: use one of {NEG_MODES}."
+            )
+        n_negs = config["n_negs"]
+        if isinstance(n_negs, bool) or not isinstance(n_negs, int) or n_negs < 1:
+            raise ConfigError(
+                f"n_negs={n_negs!r} must be a whole number >= 1 (candidate negatives per level)."
+            )
+        layers = config["n_layers"]
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+            raise ConfigError(f"n_layers={layers!r} must be a whole number >= 0 (0 = MF, > 0 = LightGCN).")
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        self.check_config(config)
         self.embedding_size = int(config["embedding_size"])
-        self.mrl_sizes = check_sizes(config["mrl_sizes"], self.embedding_size)
-        self.eval_size = self.mrl_sizes[size_index(self.mrl_sizes, config["eval_size"])]
+        self.mrl_sizes, self.eval_size, weights = nesting_from_config(config, "embedding_size")
         self.n_layers = int(config["n_layers"])
         self.reg_weight = float(config["reg_weight"])
         self.n_negs = int(config["n_negs"])
         self.neg_mode = config["mrl_neg_sampling"]
-        if self.neg_mode not in NEG_MODES:
-            raise ValueError(f"mrl_neg_sampling={self.neg_mode!r}: use one of {NEG_MODES}.")
         if self.neg_mode == "dns":  # single-level DNS on the full size (MRL-S)
             self.mrl_sizes = [self.embedding_size]
-        if self.n_negs < 1:
-            raise ValueError(f"n_negs={self.n_negs}: need at least one candidate negative per level.")
-        self.register_buffer("size_weights", loss_weights(config, len(self.mrl_sizes)), persistent=False)
+            weights = torch.ones(1)
+        self.register_buffer("size_weights", weights, persistent=False)
 
         self.user_embedding = nn.Embedding(self.n_users, self.embedding_size)
         self.item_embedding = nn.Embedding(self.n_items, self.embedding_size)

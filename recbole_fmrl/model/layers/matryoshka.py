@@ -1,6 +1,6 @@
 """Nested ("Matryoshka") building blocks: the first m_k coordinates of every output depend only on the
 first m_k coordinates of the input, for every size m_k in ``sizes``. Slicing every weight to m_k therefore
-gives an exact standalone model of hidden size m_k (see ``slice_state``)."""
+gives an exact standalone model of hidden size m_k (each module's ``slice_``)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,35 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from recbole_fmrl.errors import ConfigError
 
-class MatryoshkaSizeError(ValueError):
+
+class MatryoshkaSizeError(ConfigError):
     """``mrl_sizes`` (or ``eval_size``) is not a valid nesting."""
 
 
-def check_sizes(sizes: Sequence[int], hidden_size: int | None = None, name: str = "mrl_sizes") -> list[int]:
-    """Validate a nesting: positive, strictly increasing, ending at ``hidden_size``."""
-    sizes = [int(s) for s in sizes]
+def _as_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise MatryoshkaSizeError(f"{name}={value!r} is not an integer: give a whole number, e.g. {name}=64.")
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if number != number or number != int(number):
+        raise MatryoshkaSizeError(f"{name}={value!r} is not an integer: give a whole number, e.g. {name}=64.")
+    return int(number)
+
+
+def check_sizes(
+    sizes: Sequence[int],
+    hidden_size: int | None = None,
+    name: str = "mrl_sizes",
+    size_key: str = "hidden_size",
+) -> list[int]:
+    """Validate a nesting: positive, strictly increasing, ending at ``hidden_size`` (config key ``size_key``)."""
+    if isinstance(sizes, (str, int, float)) or sizes is None:
+        raise MatryoshkaSizeError(f"{name}={sizes!r} is not a list of sizes: give e.g. {name}=[8,16,32,64].")
+    sizes = [_as_int(s, name) for s in sizes]
     if not sizes:
         raise MatryoshkaSizeError(f"{name} is empty: give at least one size, e.g. {name}: [64].")
     if any(s <= 0 for s in sizes):
@@ -28,8 +49,8 @@ def check_sizes(sizes: Sequence[int], hidden_size: int | None = None, name: str 
         )
     if hidden_size is not None and sizes[-1] != hidden_size:
         raise MatryoshkaSizeError(
-            f"the last of {name} {sizes} must equal the hidden size ({hidden_size}): "
-            f"set hidden_size={sizes[-1]} or end {name} with {hidden_size}."
+            f"the last of {name} {sizes} must equal {size_key} ({hidden_size}): "
+            f"set {size_key}={sizes[-1]} or end {name} with {hidden_size}."
         )
     return sizes
 
@@ -95,21 +116,17 @@ class MatryoshkaLinear(nn.Module):
 
 
 class MatryoshkaLayerNorm(nn.Module):
-    """Layer norm of each nesting block (m_{k-1}, m_k] on its own, vectorised over blocks."""
+    """Layer norm of each nesting block (m_{k-1}, m_k] on its own: one ``F.layer_norm`` per block.
+
+    K fused kernels instead of a scatter (``index_add_``), which is non-deterministic on CUDA.
+    """
 
     def __init__(self, sizes: Sequence[int], eps: float = 1e-5):
         super().__init__()
         self.sizes = list(sizes)
         self.eps = eps
-        ids = block_ids(self.sizes)
-        self.register_buffer("block", ids, persistent=False)
-        self.register_buffer("block_len", torch.bincount(ids).float(), persistent=False)
         self.weight = nn.Parameter(torch.ones(self.sizes[-1]))
         self.bias = nn.Parameter(torch.zeros(self.sizes[-1]))
-
-    def _block_mean(self, x: torch.Tensor) -> torch.Tensor:
-        sums = x.new_zeros(*x.shape[:-1], len(self.sizes)).index_add_(-1, self.block, x)
-        return (sums / self.block_len)[..., self.block]
 
     @torch.no_grad()
     def slice_(self, sizes: Sequence[int]) -> None:
@@ -117,13 +134,14 @@ class MatryoshkaLayerNorm(nn.Module):
         m = self.sizes[-1]
         self.weight = nn.Parameter(self.weight[:m].clone())
         self.bias = nn.Parameter(self.bias[:m].clone())
-        self.block = self.block[:m].clone()
-        self.block_len = self.block_len[: len(sizes)].clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centered = x - self._block_mean(x)
-        var = self._block_mean(centered * centered)
-        return centered * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        starts = [0, *self.sizes[:-1]]
+        blocks = [
+            F.layer_norm(x[..., s:e], (e - s,), self.weight[s:e], self.bias[s:e], self.eps)
+            for s, e in zip(starts, self.sizes, strict=True)
+        ]
+        return torch.cat(blocks, dim=-1)
 
 
 class MatryoshkaFeedForward(nn.Module):
@@ -171,13 +189,31 @@ def loss_weights(config, n_sizes: int) -> torch.Tensor:
     weights = config["mrl_loss_weights"]
     if weights is None:
         return torch.full((n_sizes,), 1.0 / n_sizes)
-    weights = torch.tensor([float(w) for w in weights])
-    if len(weights) != n_sizes or (weights < 0).any() or weights.sum() <= 0:
+    problem = (
+        f"mrl_loss_weights={weights!r} must be a list of one non-negative weight per size ({n_sizes} sizes) "
+    )
+    try:
+        weights = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise MatryoshkaSizeError(problem + "with a positive sum, e.g. [1, 1, 2].") from None
+    if (
+        len(weights) != n_sizes
+        or not torch.isfinite(weights).all()
+        or (weights < 0).any()
+        or weights.sum() <= 0
+    ):
         raise MatryoshkaSizeError(
-            f"mrl_loss_weights {weights.tolist()} must have one non-negative weight per size "
-            f"({n_sizes} sizes) and a positive sum."
+            problem + "with a positive sum; fix the list or remove it for uniform weights."
         )
-    return weights / weights.sum()
+    return (weights / weights.sum()).float()
+
+
+def nesting_from_config(config, size_key: str) -> tuple[list[int], int, torch.Tensor]:
+    """(sizes, eval_size, loss weights) of a nested model's config, validated with errors naming the keys."""
+    hidden = _as_int(config[size_key], size_key)
+    sizes = check_sizes(config["mrl_sizes"], hidden, size_key=size_key)
+    eval_size = sizes[size_index(sizes, config["eval_size"])]
+    return sizes, eval_size, loss_weights(config, len(sizes))
 
 
 def slice_protocol_(model, sizes: Sequence[int]) -> None:
@@ -192,6 +228,7 @@ def size_index(sizes: Sequence[int], size: int | None, name: str = "eval_size") 
     """Position of ``size`` in ``sizes`` (None = the largest); a clear error when it is not one of them."""
     if size is None:
         return len(sizes) - 1
-    if int(size) not in sizes:
-        raise MatryoshkaSizeError(f"{name}={size} is not one of mrl_sizes {list(sizes)}: pick one of them.")
-    return list(sizes).index(int(size))
+    value = _as_int(size, name)
+    if value not in sizes:
+        raise MatryoshkaSizeError(f"{name}={size!r} is not one of mrl_sizes {list(sizes)}: pick one of them.")
+    return list(sizes).index(value)

@@ -6,31 +6,45 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 from torch.nn import functional as F
 
-from recbole_fmrl.data.features import as_list, load_item_features
+from recbole_fmrl.data.features import MODALITIES, as_list, load_item_features
+from recbole_fmrl.errors import CheckpointError, ConfigError
 from recbole_fmrl.model.layers.lru import LRUEncoder
 from recbole_fmrl.model.layers.matryoshka import (
-    check_sizes,
     iter_nested_scores,
     iter_size_scores,
-    loss_weights,
-    size_index,
+    nesting_from_config,
     slice_protocol_,
 )
 
 TRAIN_MODES = ("prefix", "all_positions")
+logger = logging.getLogger(__name__)
+
+
+class FeatureMismatchError(CheckpointError):
+    """A checkpoint was trained on other frozen item features than the ones loaded now."""
+
+
+def features_digest(features: torch.Tensor) -> torch.Tensor:
+    """SHA-256 of the features' float32 bytes, as 32 uint8 values (a state-dict buffer)."""
+    data = features.detach().cpu().contiguous().float().numpy().tobytes()
+    return torch.tensor(list(hashlib.sha256(data).digest()), dtype=torch.uint8)
 
 
 class ItemTower(nn.Module):
     """Item embedding = projection(concat of modality features) [+ ID embedding]; used for input and output.
 
     Frozen features are a non-persistent buffer: checkpoints stay small and reload them from the feature
-    cache; trainable features are a parameter and are saved.
+    cache. Their digest is saved instead and checked on load, so a checkpoint never silently scores with
+    other features (another cache, encoder or seed). Trainable features are a parameter and are saved.
     """
 
     def __init__(
@@ -48,12 +62,31 @@ class ItemTower(nn.Module):
             stacked = torch.cat([features[m] for m in self.modalities], dim=1).float()
             if freeze_features:
                 self.register_buffer("features", stacked, persistent=False)
+                self.register_buffer("features_digest", features_digest(stacked))
             else:
                 self.features = nn.Parameter(stacked)
             self.projection = nn.Linear(stacked.size(1), hidden_size)
         self.id_embedding = nn.Embedding(n_items, hidden_size, padding_idx=0) if use_id_embedding else None
         if self.projection is None and self.id_embedding is None:
             raise ValueError("fMRLRec needs item features (modalities) or use_id_embedding: True.")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "features_digest"
+        if hasattr(self, "features_digest"):
+            theirs = state_dict.get(key)
+            if theirs is None:
+                logger.warning(
+                    "checkpoint has no item-feature digest (saved before digests): cannot check features"
+                )
+                state_dict[key] = self.features_digest
+            elif not torch.equal(theirs.cpu(), self.features_digest.cpu()):
+                raise FeatureMismatchError(
+                    "the checkpoint was trained on other item features than this run loaded (digest "
+                    f"{bytes(theirs.tolist()).hex()[:12]} vs {bytes(self.features_digest.tolist()).hex()[:12]}): "
+                    "another feature cache, encoder, text_fields or feature_seed. Use the settings and cache it was "
+                    "trained with, or retrain."
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def slice_(self, sizes: list[int]) -> None:
@@ -79,15 +112,45 @@ class ItemTower(nn.Module):
 class fMRLRec(SequentialRecommender):  # noqa: N801  (the paper's name; RecBole looks models up by it)
     input_type = InputType.POINTWISE
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Fail on a bad value before any data is loaded (the plugin's Config calls this)."""
+        nesting_from_config(config, "hidden_size")
+        if config["train_mode"] not in TRAIN_MODES:
+            raise ConfigError(f"train_mode={config['train_mode']!r} is not valid: use one of {TRAIN_MODES}.")
+        precomputed = config["precomputed_features"] or {}
+        if not isinstance(precomputed, dict):
+            raise ConfigError(
+                f"precomputed_features={precomputed!r} must be a mapping {{modality: {{path: x.npy, ids: ids.txt}}}} "
+                "or {modality: preload field name}."
+            )
+        modalities = as_list(config["modalities"])
+        unknown = [m for m in modalities if m not in MODALITIES and m not in precomputed]
+        if unknown:
+            raise ConfigError(
+                f"modalities {unknown} have no features: encodable ones are {list(MODALITIES)}; give others "
+                "under precomputed_features."
+            )
+        if not modalities and not config["use_id_embedding"]:
+            raise ConfigError(
+                "modalities is empty and use_id_embedding is False: the items have no representation; "
+                "list a modality or set use_id_embedding=True."
+            )
+        for key in ("dropout_prob", "attn_dropout_prob"):
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(f"{key}={value!r} must be a number in [0, 1).")
+        layers = config["n_layers"]
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            raise ConfigError(f"n_layers={layers!r} must be a whole number >= 1 (LRU blocks).")
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        self.check_config(config)
         self.hidden_size = int(config["hidden_size"])
-        self.mrl_sizes = check_sizes(config["mrl_sizes"], self.hidden_size)
-        self.eval_size = self.mrl_sizes[size_index(self.mrl_sizes, config["eval_size"])]
+        self.mrl_sizes, self.eval_size, weights = nesting_from_config(config, "hidden_size")
         self.train_mode = config["train_mode"]
-        if self.train_mode not in TRAIN_MODES:
-            raise ValueError(f"train_mode={self.train_mode!r}: use one of {TRAIN_MODES}.")
-        self.register_buffer("size_weights", loss_weights(config, len(self.mrl_sizes)), persistent=False)
+        self.register_buffer("size_weights", weights, persistent=False)
 
         modalities = as_list(config["modalities"])
         features = load_item_features(config, dataset, modalities) if modalities else {}

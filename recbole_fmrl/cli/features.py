@@ -1,7 +1,7 @@
 """Encode and cache a dataset's item features; optionally export them as a RecBole atomic feature file.
 
-    python -m recbole_fmrl.features --dataset=amazon-beauty --data_path=../shared/datasets [--key=value ...]
-    python -m recbole_fmrl.features --dataset=mm-sample --modalities=text,image --export-atomic
+    python -m recbole_fmrl.cli.features --dataset=amazon-beauty --data_path=../shared/datasets [--key=value ...]
+    python -m recbole_fmrl.cli.features --dataset=mm-sample --modalities=text,image --export-atomic
 
 Any other ``--key=value`` sets a config key (text_encoder, image_encoder, image_pretrained, ...).
 """
@@ -16,8 +16,10 @@ import numpy as np
 from recbole.data import create_dataset
 from recbole.utils import init_logger
 
-from recbole_fmrl.config import Config, DatasetNotFoundError
-from recbole_fmrl.data.features import FeatureError, as_list, load_item_features
+from recbole_fmrl.cli import config_from_cli, parser, run_cli
+from recbole_fmrl.config import Config
+from recbole_fmrl.data.atomic import atomic_write_lines, check_atomic_files
+from recbole_fmrl.data.features import as_list, load_item_features
 
 
 def export_atomic(features: dict, dataset, out_dir: Path, name: str) -> Path:
@@ -28,31 +30,41 @@ def export_atomic(features: dict, dataset, out_dir: Path, name: str) -> Path:
     tokens = dataset.field2id_token[dataset.iid_field]
     path = out_dir / f"{name}.itememb"
     mods = list(features)
-    with open(path, "w") as f:
-        f.write("\t".join(["iid:token"] + [f"{m}_emb:float_seq" for m in mods]) + "\n")
+
+    def lines():
+        yield "\t".join(["iid:token"] + [f"{m}_emb:float_seq" for m in mods]) + "\n"
         for i in range(1, len(tokens)):
             cols = [" ".join(f"{v:.6g}" for v in features[m][i].tolist()) for m in mods]
-            f.write("\t".join([str(tokens[i]), *cols]) + "\n")
+            yield "\t".join([str(tokens[i]), *cols]) + "\n"
+
+    atomic_write_lines(path, lines())
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    export = "--export-atomic" in argv
-    argv = [a for a in argv if a != "--export-atomic"]
-    cli = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
-    dataset_name = cli.pop("dataset", "mm-sample")
-    sys.argv = [sys.argv[0], *(f"--{k}={v}" for k, v in cli.items())]
-    try:
-        config = Config(model="fMRLRec", dataset=dataset_name, config_dict={"state": "WARNING"})
-        init_logger(config)
-        dataset = create_dataset(config)
-        modalities = as_list(config["modalities"])
-        start = time.perf_counter()
-        features = load_item_features(config, dataset, modalities)
-    except (DatasetNotFoundError, FeatureError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _cli():
+    cli = parser("python -m recbole_fmrl.cli.features", __doc__.splitlines()[0])
+    cli.add_argument("--dataset", "-d", default="mm-sample")
+    cli.add_argument(
+        "--export-atomic",
+        dest="export_atomic",
+        action="store_true",
+        help="also write <dataset>.itememb for RecBole's preload_weight",
+    )
+    return cli
+
+
+def _main(argv: list[str]) -> int:
+    args, overrides = config_from_cli(argv, _cli())
+    dataset_name = args.dataset
+    config = Config(
+        model="fMRLRec", dataset=dataset_name, config_dict={"state": "WARNING", **overrides}, cli_args=[]
+    )
+    check_atomic_files(config)
+    init_logger(config)
+    dataset = create_dataset(config)
+    modalities = as_list(config["modalities"])
+    start = time.perf_counter()
+    features = load_item_features(config, dataset, modalities)
     print(f"{dataset_name}: {dataset.item_num - 1} items, {time.perf_counter() - start:.1f}s")
     for modality, matrix in features.items():
         norms = np.linalg.norm(matrix[1:].numpy(), axis=1)
@@ -60,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  cache: {Path(config['feature_cache_dir'] or '.cache/recbole_fmrl/features').resolve() / dataset_name}"
     )
-    if export:
+    if args.export_atomic:
         path = export_atomic(features, dataset, Path(config["data_path"]), dataset_name)
         m = list(features)[0]
         print(
@@ -68,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             f"load_col: {{itememb: [iid, {m}_emb]}}, alias_of_item_id: [iid], preload_weight: {{iid: {m}_emb}}"
         )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,62 @@
+"""Export the size-D sub-model of a trained nested model as an ordinary model of hidden size D.
+
+    python -m recbole_fmrl.cli.export --model_file=saved/fMRLRec-....pth --size=64 --output=fmrlrec-64.pth [--trust]
+
+The output is in the portable format (no pickled objects), loads with ``load_data_and_model`` and is
+evaluated by RecBole's plain Trainer like any checkpoint. ``--trust`` is needed to read a RecBole (pickled)
+checkpoint; the output never replaces the input and is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from recbole_fmrl.cli import config_from_cli, parser, run_cli
+from recbole_fmrl.errors import ConfigError
+
+
+def _cli():
+    cli = parser("python -m recbole_fmrl.cli.export", __doc__.splitlines()[0])
+    cli.add_argument("--model_file", required=True)
+    cli.add_argument("--size", type=int, required=True)
+    cli.add_argument("--output", required=True)
+    cli.add_argument("--trust", action="store_true", help="allow reading a RecBole (pickled) checkpoint")
+    return cli
+
+
+def _main(argv: list[str]) -> int:
+    args, overrides = config_from_cli(argv, _cli())
+    if overrides:
+        raise ConfigError(
+            f"export takes no config overrides (got {sorted(overrides)}): the checkpoint's config is used."
+        )
+    if os.path.realpath(args.output) == os.path.realpath(args.model_file):
+        raise ConfigError(
+            f"--output {args.output} is the input checkpoint: exporting would replace the trained model; "
+            "choose another --output."
+        )
+    from recbole_fmrl.evaluation.checkpoint import save_portable
+    from recbole_fmrl.evaluation.export import export_submodel, submodel_config_updates
+    from recbole_fmrl.quick_start import load_data_and_model
+
+    config, model, *_ = load_data_and_model(args.model_file, trust=args.trust)
+    start = time.perf_counter()
+    sub = export_submodel(model, args.size)
+    path = save_portable(args.output, config, sub, **submodel_config_updates(model.mrl_sizes, args.size))
+    n_full = sum(p.numel() for p in model.parameters())
+    n_sub = sum(p.numel() for p in sub.parameters())
+    print(
+        f"exported {config['model']} size {args.size} ({n_sub:,} parameters, full model {n_full:,}) "
+        f"to {path} in {time.perf_counter() - start:.2f}s"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
