@@ -57,7 +57,12 @@ class Config(RecBoleConfig):
     ):
         self._typed_config_dict = dict(typed_config_dict or {})
         self._cli_args = cli_args
-        super().__init__(model, dataset, config_file_list, config_dict)
+        try:
+            super().__init__(model, dataset, config_file_list, config_dict)
+        except RecboleFmrlError:
+            raise
+        except (ValueError, TypeError) as err:  # RecBole's own checks of its keys (topk, eval_args, ...)
+            raise ConfigError(f"RecBole rejected the config: {err}") from err
         check = getattr(self.model_class, "check_config", None)
         if check is not None:  # the plugin's models validate their keys before any data is read
             check(self)

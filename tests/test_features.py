@@ -121,9 +121,13 @@ def test_interrupted_encoding_resumes_from_saved_chunks(tmp_path):
     ids = [f"i{x}" for x in inputs]
     with pytest.raises(KeyboardInterrupt):
         cached_encode(tmp_path / "f.npz", ids, inputs, flaky, chunk_size=4, desc="test")
-    assert (tmp_path / "f.partial-c4" / "00000000-00000004.npy").is_file() and not (tmp_path / "f.npz").exists()
+    assert (tmp_path / "f.partial-c4" / "00000000-00000004.npy").is_file() and not (
+        tmp_path / "f.npz"
+    ).exists()
     calls.clear()
-    out = cached_encode(tmp_path / "f.npz", ids, inputs, lambda b: np.array([[float(x)] for x in b]), 4, "test")
+    out = cached_encode(
+        tmp_path / "f.npz", ids, inputs, lambda b: np.array([[float(x)] for x in b]), 4, "test"
+    )
     np.testing.assert_array_equal(out[:, 0], inputs)
     assert len(calls) == 0 or calls[0] != [0, 1, 2, 3]  # the first chunk was not encoded again
     assert not (tmp_path / "f.partial-c4").exists()
@@ -277,3 +281,80 @@ def test_amazon_converter_names_the_bad_line(tmp_path, capsys):
     code = amazon_cli.main(["--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / "o")])
     assert code == 2 and f"{reviews}:37: not a review line" in capsys.readouterr().err
     assert amazon_cli.main(["--reviews", str(tmp_path / "nope.json"), "--meta", str(meta), "--out", "o"]) == 2
+
+
+def test_resume_with_another_chunk_size_never_mixes_chunks(tmp_path):
+    """The failure seen in the field: interrupt at one chunk size, resume at another -> wrong row count."""
+    inputs = list(range(23))
+    ids = [f"i{x}" for x in inputs]
+
+    def interrupt_after_two(batch, calls=[]):  # noqa: B006  (counts calls across invocations)
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return np.array([[float(x), 1.0] for x in batch])
+
+    with pytest.raises(KeyboardInterrupt):
+        cached_encode(tmp_path / "f.npz", ids, inputs, interrupt_after_two, chunk_size=5, desc="t")
+    out = cached_encode(
+        tmp_path / "f.npz", ids, inputs, lambda b: np.array([[float(x), 1.0] for x in b]), 7, "t"
+    )
+    assert out.shape == (23, 2)
+    np.testing.assert_array_equal(out[:, 0], inputs)
+
+
+def test_bad_chunk_and_bad_cache_are_detected_and_rebuilt(tmp_path, caplog):
+    inputs, ids = list(range(6)), [f"i{x}" for x in range(6)]
+    encode = lambda b: np.array([[float(x)] for x in b])  # noqa: E731
+    partial = tmp_path / "f.partial-c4"
+    partial.mkdir()
+    np.save(partial / "00000000-00000004.npy", np.full((3, 1), np.nan, dtype=np.float32))  # wrong rows, NaN
+    out = cached_encode(tmp_path / "f.npz", ids, inputs, encode, 4, "t")
+    np.testing.assert_array_equal(out[:, 0], inputs)
+    assert "is invalid; encoding it again" in caplog.text
+    # A cache of other item ids (the dataset changed under it) is not trusted either.
+    caplog.clear()
+    other = cached_encode(tmp_path / "f.npz", ["j0", *ids[1:]], inputs, encode, 4, "t")
+    assert f"feature cache {tmp_path / 'f.npz'} is invalid (other item ids)" in caplog.text
+    np.testing.assert_array_equal(other[:, 0], inputs)
+
+
+def test_random_image_encoder_is_seeded_and_the_seed_is_in_the_cache_key(mm_copy, tiny_clip):
+    extra = {"image_encoder": tiny_clip, "image_pretrained": "none", "feature_chunk_size": 256}
+    config, dataset = setup(mm_copy, **extra)
+    torch.manual_seed(1)
+    first = encode_modality(config, dataset, "image")
+    shutil.rmtree(mm_copy / "cache")
+    torch.manual_seed(2)  # whatever the global RNG holds, the encoder is the same
+    np.testing.assert_array_equal(encode_modality(config, dataset, "image"), first)
+    config["feature_seed"] = 7
+    other = encode_modality(config, dataset, "image")
+    assert not np.allclose(other, first)
+    assert len(list((mm_copy / "cache" / "mm-sample").glob("image-*.npz"))) == 2
+
+
+def test_partial_precomputed_coverage_warns_or_fails_when_strict(mm_copy, caplog):
+    config, dataset = setup(mm_copy)
+    ids = list(dataset.field2id_token["item_id"][1:])
+    np.save(mm_copy / "x.npy", np.ones((50, 4), dtype=np.float32))
+    (mm_copy / "ids.txt").write_text("\n".join(ids[:50] + ["not-an-item"]) + "\n")
+    np.save(mm_copy / "x.npy", np.ones((51, 4), dtype=np.float32))
+    matrix = features.load_precomputed(mm_copy / "x.npy", mm_copy / "ids.txt", dataset)
+    assert "150 of 200 items have no row" in caplog.text and "1 item ids are not items" in caplog.text
+    assert (matrix[1:].any(axis=1)).sum() == 50
+    with pytest.raises(FeatureError, match="strict_features is True"):
+        features.load_precomputed(mm_copy / "x.npy", mm_copy / "ids.txt", dataset, strict=True)
+
+
+def test_items_missing_from_the_item_file_are_counted(mm_copy, caplog):
+    item_file = mm_copy / "data" / "mm-sample" / "mm-sample.item"
+    lines = item_file.read_text().splitlines()
+    item_file.write_text("\n".join([lines[0], *lines[3:], lines[5]]) + "\n")  # 2 items gone, 1 repeated
+    config, dataset = setup(mm_copy)  # RecBole drops the interactions of items its .item lacks: reported
+    assert "RecBole dropped" in caplog.text and "see filter_inter_by_user_or_item" in caplog.text
+    table = features.read_item_table(item_file.parent, "mm-sample")
+    tokens = [*dataset.field2id_token["item_id"][1:], "ghost"]
+    features._aligned_rows(table, tokens, "item_id", False, str(item_file))
+    assert "1 rows repeat an item id" in caplog.text and "1 of 199 items have no row" in caplog.text
+    with pytest.raises(FeatureError, match="strict_features is True"):
+        features._aligned_rows(table, tokens, "item_id", True, str(item_file))

@@ -46,7 +46,12 @@ def _parse_float(text: str) -> bool:
 
 
 def check_atomic_file(
-    path: Path, columns: list[str] | None, sep: str = "\t", seq_sep: str = " ", encoding: str = "utf-8"
+    path: Path,
+    columns: list[str] | None,
+    sep: str = "\t",
+    seq_sep: str = " ",
+    encoding: str = "utf-8",
+    required: tuple[str, ...] = (),
 ) -> None:
     """Raise ``DataFileError`` naming the line when ``path`` is not a well-formed atomic file."""
     with open(path, "rb") as f:
@@ -76,13 +81,14 @@ def check_atomic_file(
                 f"type one of {', '.join(FIELD_TYPES)}."
             )
         fields.append((name, kind))
-    wanted = set(columns) if columns is not None else {name for name, _ in fields}
-    missing = sorted(wanted - {name for name, _ in fields})
-    if missing:
+    names = [name for name, _ in fields]
+    absent = [name for name in required if name not in names]
+    if absent:
         raise DataFileError(
-            f"{path}:1: load_col asks for {missing}, which the header does not have "
-            f"({[name for name, _ in fields]}): fix load_col or the header."
+            f"{path}:1: the header has no {absent} column (it has {names}): the model needs it; rename the "
+            "column or set USER_ID_FIELD / ITEM_ID_FIELD."
         )
+    wanted = set(columns) if columns is not None else set(names)  # RecBole skips load_col names it lacks
     numeric = [
         (i, name, kind)
         for i, (name, kind) in enumerate(fields)
@@ -111,12 +117,14 @@ def check_atomic_file(
 def check_atomic_files(config) -> None:
     """Check every atomic file RecBole will load for this config (header types, encoding, rows, numbers)."""
     for path, columns in _files_to_check(config):
+        ids = {"inter": (config["USER_ID_FIELD"], config["ITEM_ID_FIELD"])}.get(path.suffix[1:], ())
         check_atomic_file(
             path,
             columns,
             sep=config["field_separator"] or "\t",
             seq_sep=config["seq_separator"] or " ",
             encoding=config["encoding"] or "utf-8",
+            required=tuple(i for i in ids if i),
         )
 
 

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 import urllib.request
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def read_cache(cache_file: Path, ids: Sequence[str]) -> np.ndarray | None:
             if stored.shape == (len(ids),) and (stored == np.asarray(ids, dtype=str)).all()
             else "other item ids"
         )
-    except (OSError, ValueError, KeyError, EOFError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         problem = f"unreadable ({type(err).__name__})"
     if problem is None:
         return matrix
