@@ -53,6 +53,16 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return _Parser(prog=prog, description=description)
 
 
+def checkpoint_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser for a CLI that reads one checkpoint: ``--model_file`` and ``--trust``."""
+    cli = parser(prog, description)
+    cli.add_argument(
+        "--model_file", required=True, help="a RecBole checkpoint or an exported (portable) file"
+    )
+    cli.add_argument("--trust", action="store_true", help="allow reading a RecBole (pickled) checkpoint")
+    return cli
+
+
 def config_from_cli(argv: Sequence[str], cli: argparse.ArgumentParser) -> tuple[argparse.Namespace, dict]:
     """(the CLI's own flags, ``{key: value}`` of every other ``--key=value``) from ``argv``.
 

@@ -11,27 +11,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from recbole_fmrl.cli import config_from_cli, parser, run_cli
+from recbole_fmrl.cli import checkpoint_parser, run_cli
 from recbole_fmrl.errors import ConfigError
 
 
 def _cli():
-    cli = parser("python -m recbole_fmrl.cli.evaluate", __doc__.splitlines()[0])
-    cli.add_argument("--model_file", required=True)
+    cli = checkpoint_parser("python -m recbole_fmrl.cli.evaluate", __doc__.splitlines()[0])
     cli.add_argument("--split", choices=("test", "valid"), default="test")
     cli.add_argument(
         "--out_dir", default=None, help="where the CSV/JSON/PNG go (default: beside the checkpoint)"
     )
-    cli.add_argument("--trust", action="store_true", help="allow reading a RecBole (pickled) checkpoint")
     return cli
 
 
 def _main(argv: list[str]) -> int:
-    args, overrides = config_from_cli(argv, _cli())
-    if overrides:
-        raise ConfigError(
-            f"evaluate takes no config overrides (got {sorted(overrides)}): the checkpoint's config is used."
-        )
+    args = _cli().parse_args(argv)  # no config overrides: the checkpoint's own config is used
     from recbole_fmrl.evaluation.export import speaks_matryoshka
     from recbole_fmrl.evaluation.matryoshka import evaluate_all_sizes, format_table, size_costs, write_report
     from recbole_fmrl.quick_start import load_data_and_model

@@ -13,25 +13,19 @@ import os
 import sys
 import time
 
-from recbole_fmrl.cli import config_from_cli, parser, run_cli
+from recbole_fmrl.cli import checkpoint_parser, run_cli
 from recbole_fmrl.errors import ConfigError
 
 
 def _cli():
-    cli = parser("python -m recbole_fmrl.cli.export", __doc__.splitlines()[0])
-    cli.add_argument("--model_file", required=True)
+    cli = checkpoint_parser("python -m recbole_fmrl.cli.export", __doc__.splitlines()[0])
     cli.add_argument("--size", type=int, required=True)
     cli.add_argument("--output", required=True)
-    cli.add_argument("--trust", action="store_true", help="allow reading a RecBole (pickled) checkpoint")
     return cli
 
 
 def _main(argv: list[str]) -> int:
-    args, overrides = config_from_cli(argv, _cli())
-    if overrides:
-        raise ConfigError(
-            f"export takes no config overrides (got {sorted(overrides)}): the checkpoint's config is used."
-        )
+    args = _cli().parse_args(argv)  # no config overrides: the checkpoint's own config is used
     if os.path.realpath(args.output) == os.path.realpath(args.model_file):
         raise ConfigError(
             f"--output {args.output} is the input checkpoint: exporting would replace the trained model; "
