@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 from logging import getLogger
-from pathlib import Path
 
 from recbole.data import create_dataset, data_preparation
 from recbole.data.dataloader import FullSortEvalDataLoader
@@ -17,14 +16,9 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 from recbole_fmrl.cli import config_from_cli, parser, run_cli
 from recbole_fmrl.config import Config
 from recbole_fmrl.data.atomic import check_atomic_files
-from recbole_fmrl.evaluation import (
-    evaluate_all_sizes,
-    format_table,
-    size_costs,
-    speaks_matryoshka,
-    write_report,
-)
-from recbole_fmrl.evaluation.checkpoint import check_fits, read_checkpoint
+from recbole_fmrl.evaluation import format_table, report_all_sizes
+from recbole_fmrl.model.abstract_recommender import speaks_matryoshka
+from recbole_fmrl.submodel.checkpoint import check_fits, read_checkpoint
 from recbole_fmrl.utils import get_model, get_trainer
 
 
@@ -97,18 +91,6 @@ def _full_ranking(test_data, logger) -> bool:
         "evaluation: only eval_size is reported. For every size, set eval_args mode to 'full'."
     )
     return False
-
-
-def report_all_sizes(config, trainer, test_data) -> dict:
-    """Test metrics at every nesting size (one pass), with per-size cost, logged and written to files."""
-    logger = getLogger()
-    by_size = evaluate_all_sizes(trainer, test_data)
-    costs = size_costs(trainer.model, test_data, config["device"])
-    logger.info(set_color("test result by size", "yellow") + ":\n" + format_table(by_size, costs))
-    stem = Path(config["checkpoint_dir"]) / f"{Path(trainer.saved_model_file).stem}-test-sizes"
-    files = write_report(by_size, costs, stem, config["dataset"], config["model"])
-    logger.info(f"per-size results written to {files['csv']}, .json and .png")
-    return by_size
 
 
 def load_data_and_model(model_file: str, trust: bool = False):

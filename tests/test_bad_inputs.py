@@ -22,8 +22,8 @@ import pytest
 import torch
 from conftest import FAST
 
-from recbole_fmrl.evaluation.checkpoint import read_checkpoint
 from recbole_fmrl.quick_start import run_recbole_fmrl
+from recbole_fmrl.submodel.checkpoint import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = str(REPO / "run_recbole_fmrl.py")

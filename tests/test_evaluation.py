@@ -14,10 +14,11 @@ from recbole.trainer import Trainer
 
 from recbole_fmrl.cli import export as export_cli
 from recbole_fmrl.cli.evaluate import main as evaluation_cli
+from recbole_fmrl.errors import ConfigError
 from recbole_fmrl.evaluation import evaluate_all_sizes
-from recbole_fmrl.evaluation.checkpoint import CheckpointMismatchError, check_fits, read_portable
-from recbole_fmrl.evaluation.matryoshka import _Positives
+from recbole_fmrl.evaluation.evaluate import _Positives
 from recbole_fmrl.quick_start import load_data_and_model, run_recbole_fmrl
+from recbole_fmrl.submodel.checkpoint import CheckpointMismatchError, check_fits, read_portable
 
 SIZES = [8, 16, 32]
 
@@ -137,7 +138,7 @@ def test_non_nested_model_is_refused(in_tmp):
     result = run_recbole_fmrl("Pop", "mm-sample", config_dict={**FAST, "checkpoint_dir": str(in_tmp)})
     assert "test_result_by_size" not in result
     config, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
-    with pytest.raises(TypeError, match="does not speak the Matryoshka protocol"):
+    with pytest.raises(ConfigError, match="Pop is not a nested \\(Matryoshka\\) model"):
         evaluate_all_sizes(Trainer(config, model), test_data)
 
 

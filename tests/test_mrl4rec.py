@@ -9,9 +9,10 @@ from recbole.utils import init_seed
 from torch.nn import functional as F
 
 from recbole_fmrl.config import Config
-from recbole_fmrl.evaluation import evaluate_all_sizes, export_submodel
+from recbole_fmrl.evaluation import evaluate_all_sizes
 from recbole_fmrl.model.general_recommender.mrl4rec import MRL4Rec
 from recbole_fmrl.quick_start import run_recbole_fmrl
+from recbole_fmrl.submodel import export_submodel
 from recbole_fmrl.utils import get_trainer
 
 

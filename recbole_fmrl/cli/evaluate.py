@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from recbole_fmrl.cli import checkpoint_parser, run_cli
-from recbole_fmrl.errors import ConfigError
 
 
 def _cli():
@@ -26,16 +25,13 @@ def _cli():
 
 def _main(argv: list[str]) -> int:
     args = _cli().parse_args(argv)  # no config overrides: the checkpoint's own config is used
-    from recbole_fmrl.evaluation.export import speaks_matryoshka
-    from recbole_fmrl.evaluation.matryoshka import evaluate_all_sizes, format_table, size_costs, write_report
+    from recbole_fmrl.evaluation import evaluate_all_sizes, format_table, size_costs, write_report
     from recbole_fmrl.quick_start import load_data_and_model
     from recbole_fmrl.utils import get_trainer
 
     config, model, _, train_data, valid_data, test_data = load_data_and_model(
         args.model_file, trust=args.trust
     )
-    if not speaks_matryoshka(model):
-        raise ConfigError(f"{config['model']} is not a nested (Matryoshka) model; evaluate it with RecBole.")
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     trainer.eval_collector.data_collect(train_data)
     data = test_data if args.split == "test" else valid_data

@@ -31,14 +31,14 @@ def _main(argv: list[str]) -> int:
             f"--output {args.output} is the input checkpoint: exporting would replace the trained model; "
             "choose another --output."
         )
-    from recbole_fmrl.evaluation.checkpoint import save_portable
-    from recbole_fmrl.evaluation.export import export_submodel, submodel_config_updates
     from recbole_fmrl.quick_start import load_data_and_model
+    from recbole_fmrl.submodel.checkpoint import save_portable
+    from recbole_fmrl.submodel.export import export_submodel
 
     config, model, *_ = load_data_and_model(args.model_file, trust=args.trust)
     start = time.perf_counter()
     sub = export_submodel(model, args.size)
-    path = save_portable(args.output, config, sub, **submodel_config_updates(model.mrl_sizes, args.size))
+    path = save_portable(args.output, config, sub, **model.submodel_config(args.size))
     n_full = sum(p.numel() for p in model.parameters())
     n_sub = sum(p.numel() for p in sub.parameters())
     print(

@@ -1,14 +1,7 @@
-"""Matryoshka evaluation (every size, one pass) and sub-model export."""
+"""Matryoshka evaluation: every size in one pass (evaluate), what each size costs (costs), the report."""
 
-from recbole_fmrl.evaluation.export import export_submodel, parameter_counts, speaks_matryoshka
-from recbole_fmrl.evaluation.matryoshka import evaluate_all_sizes, format_table, size_costs, write_report
+from recbole_fmrl.evaluation.costs import size_costs
+from recbole_fmrl.evaluation.evaluate import evaluate_all_sizes
+from recbole_fmrl.evaluation.report import format_table, report_all_sizes, write_report
 
-__all__ = [
-    "evaluate_all_sizes",
-    "export_submodel",
-    "format_table",
-    "parameter_counts",
-    "size_costs",
-    "speaks_matryoshka",
-    "write_report",
-]
+__all__ = ["evaluate_all_sizes", "format_table", "report_all_sizes", "size_costs", "write_report"]

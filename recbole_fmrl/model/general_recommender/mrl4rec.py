@@ -16,19 +16,23 @@ from torch import nn
 from torch.nn import functional as F
 
 from recbole_fmrl.errors import ConfigError
-from recbole_fmrl.model.layers.matryoshka import iter_size_scores, nesting_from_config, slice_protocol_
+from recbole_fmrl.model.abstract_recommender import MatryoshkaRecommender, slice_embedding
+from recbole_fmrl.model.layers.matryoshka import iter_size_scores
 
 NEG_MODES = ("mns", "rns", "dns")
 DENSE_LOOKUP_CELLS = 1 << 28  # 256 MB of booleans
 
 
-class MRL4Rec(GeneralRecommender):
+class MRL4Rec(MatryoshkaRecommender, GeneralRecommender):
+    """Matryoshka BPR on MF (``n_layers: 0``) or LightGCN, with a hard negative per nesting level."""
+
     input_type = InputType.PAIRWISE
+    SIZE_KEY = "embedding_size"
 
     @classmethod
     def check_config(cls, config) -> None:
         """Fail on a bad value before any data is loaded (the plugin's Config calls this)."""
-        nesting_from_config(config, "embedding_size")
+        cls.check_nesting(config)
         if config["mrl_neg_sampling"] not in NEG_MODES:
             raise ConfigError(
                 f"mrl_neg_sampling={config['mrl_neg_sampling']!r} is not valid: use one of {NEG_MODES}."
@@ -46,15 +50,14 @@ class MRL4Rec(GeneralRecommender):
         super().__init__(config, dataset)
         self.check_config(config)
         self.embedding_size = int(config["embedding_size"])
-        self.mrl_sizes, self.eval_size, weights = nesting_from_config(config, "embedding_size")
+        self.init_nesting(config)
         self.n_layers = int(config["n_layers"])
         self.reg_weight = float(config["reg_weight"])
         self.n_negs = int(config["n_negs"])
         self.neg_mode = config["mrl_neg_sampling"]
         if self.neg_mode == "dns":  # single-level DNS on the full size (MRL-S)
             self.mrl_sizes = [self.embedding_size]
-            weights = torch.ones(1)
-        self.register_buffer("size_weights", weights, persistent=False)
+            self.size_weights = torch.ones(1)
 
         self.user_embedding = nn.Embedding(self.n_users, self.embedding_size)
         self.item_embedding = nn.Embedding(self.n_items, self.embedding_size)
@@ -79,15 +82,9 @@ class MRL4Rec(GeneralRecommender):
 
     # -- Matryoshka protocol -----------------------------------------------------------------------------
     def slice_(self, sizes: list[int]) -> None:
-        m = sizes[-1]
-        with torch.no_grad():
-            for name in ("user_embedding", "item_embedding"):
-                old = getattr(self, name)
-                new = nn.Embedding(old.num_embeddings, m).to(old.weight)
-                new.weight.copy_(old.weight[:, :m])
-                setattr(self, name, new)
-        self.embedding_size = m
-        slice_protocol_(self, sizes)
+        for name in ("user_embedding", "item_embedding"):
+            setattr(self, name, slice_embedding(getattr(self, name), sizes[-1]))
+        super().slice_(sizes)
         self._eval_cache = None
 
     def train(self, mode: bool = True):
@@ -177,12 +174,7 @@ class MRL4Rec(GeneralRecommender):
         ) / 2
         return bpr + self.reg_weight * reg / len(users)
 
-    def full_sort_predict_sizes(self, interaction) -> torch.Tensor:
-        """``[K, B, n_items]`` scores at every size from one propagation."""
-        return torch.stack(list(self.iter_full_sort_predict_sizes(interaction)))
-
     def iter_full_sort_predict_sizes(self, interaction):
-        """The same scores one size at a time, ``[B, n_items]`` each: no stacked copy for the evaluator."""
         user_all, item_all = self._representations()
         yield from iter_size_scores(user_all[interaction[self.USER_ID]], item_all, self.mrl_sizes)
 

@@ -216,14 +216,6 @@ def nesting_from_config(config, size_key: str) -> tuple[list[int], int, torch.Te
     return sizes, eval_size, loss_weights(config, len(sizes))
 
 
-def slice_protocol_(model, sizes: Sequence[int]) -> None:
-    """Cut a nested model's Matryoshka bookkeeping (sizes, eval_size, loss weights) to a prefix of sizes."""
-    model.mrl_sizes = list(sizes)
-    model.eval_size = model.eval_size if model.eval_size in sizes else sizes[-1]
-    weights = model.size_weights[: len(sizes)]
-    model.size_weights = weights / weights.sum()
-
-
 def size_index(sizes: Sequence[int], size: int | None, name: str = "eval_size") -> int:
     """Position of ``size`` in ``sizes`` (None = the largest); a clear error when it is not one of them."""
     if size is None:

@@ -17,13 +17,9 @@ from torch.nn import functional as F
 
 from recbole_fmrl.data.features import MODALITIES, as_list, load_item_features
 from recbole_fmrl.errors import CheckpointError, ConfigError
+from recbole_fmrl.model.abstract_recommender import MatryoshkaRecommender, slice_embedding
 from recbole_fmrl.model.layers.lru import LRUEncoder
-from recbole_fmrl.model.layers.matryoshka import (
-    iter_nested_scores,
-    iter_size_scores,
-    nesting_from_config,
-    slice_protocol_,
-)
+from recbole_fmrl.model.layers.matryoshka import iter_nested_scores, iter_size_scores
 
 TRAIN_MODES = ("prefix", "all_positions")
 logger = logging.getLogger(__name__)
@@ -97,9 +93,7 @@ class ItemTower(nn.Module):
             self.projection.weight.copy_(old.weight[:m])
             self.projection.bias.copy_(old.bias[:m])
         if self.id_embedding is not None:
-            old = self.id_embedding
-            self.id_embedding = nn.Embedding(old.num_embeddings, m, padding_idx=0).to(old.weight)
-            self.id_embedding.weight.copy_(old.weight[:, :m])
+            self.id_embedding = slice_embedding(self.id_embedding, m)
 
     def forward(self) -> torch.Tensor:
         """Embeddings of all items, ``[n_items, hidden_size]``."""
@@ -109,13 +103,21 @@ class ItemTower(nn.Module):
         return out
 
 
-class fMRLRec(SequentialRecommender):  # noqa: N801  (the paper's name; RecBole looks models up by it)
+class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the paper's name)
+    """Multimodal item tower + nested LRU encoder, trained with cross-entropy at every size at once.
+
+    Items are ``projection(features)`` (+ an optional ID embedding), shared by input and output. The encoder's
+    every prefix of size m_k depends only on the first m_k input coordinates, so the size-m_k scores equal a
+    standalone size-m_k model's (the sub-model export).
+    """
+
     input_type = InputType.POINTWISE
+    SIZE_KEY = "hidden_size"
 
     @classmethod
     def check_config(cls, config) -> None:
         """Fail on a bad value before any data is loaded (the plugin's Config calls this)."""
-        nesting_from_config(config, "hidden_size")
+        cls.check_nesting(config)
         if config["train_mode"] not in TRAIN_MODES:
             raise ConfigError(f"train_mode={config['train_mode']!r} is not valid: use one of {TRAIN_MODES}.")
         precomputed = config["precomputed_features"] or {}
@@ -148,9 +150,8 @@ class fMRLRec(SequentialRecommender):  # noqa: N801  (the paper's name; RecBole 
         super().__init__(config, dataset)
         self.check_config(config)
         self.hidden_size = int(config["hidden_size"])
-        self.mrl_sizes, self.eval_size, weights = nesting_from_config(config, "hidden_size")
+        self.init_nesting(config)
         self.train_mode = config["train_mode"]
-        self.register_buffer("size_weights", weights, persistent=False)
 
         modalities = as_list(config["modalities"])
         features = load_item_features(config, dataset, modalities) if modalities else {}
@@ -171,11 +172,6 @@ class fMRLRec(SequentialRecommender):  # noqa: N801  (the paper's name; RecBole 
             r_max=config["r_max"],
             bias=bool(config["use_bias"]),
         )
-
-    def slice_(self, sizes: list[int]) -> None:
-        """Become the size-``sizes[-1]`` model (its nested sub-modules slice themselves)."""
-        self.hidden_size = sizes[-1]
-        slice_protocol_(self, sizes)
 
     def encode(
         self, item_seq: torch.Tensor, items: torch.Tensor, last: torch.Tensor | None = None
@@ -213,12 +209,7 @@ class fMRLRec(SequentialRecommender):  # noqa: N801  (the paper's name; RecBole 
         valid = torch.arange(item_seq.size(1), device=item_seq.device) < item_seq_len.unsqueeze(1)
         return self._nested_ce(hidden[valid], items, targets[valid])
 
-    def full_sort_predict_sizes(self, interaction) -> torch.Tensor:
-        """Scores over all items at every size, ``[K, B, n_items]``, from one encoder pass."""
-        return torch.stack(list(self.iter_full_sort_predict_sizes(interaction)))
-
     def iter_full_sort_predict_sizes(self, interaction):
-        """The same scores one size at a time, ``[B, n_items]`` each: no stacked copy for the evaluator."""
         query, items = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         yield from iter_size_scores(query, items, self.mrl_sizes)
 

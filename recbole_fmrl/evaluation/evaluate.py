@@ -9,27 +9,14 @@ batch's ground truth) is built once per batch, so each extra size costs one scor
 from __future__ import annotations
 
 import copy
-import json
-import logging
-import os
-import time
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
 
-from recbole_fmrl.data.atomic import atomic_write_lines
 from recbole_fmrl.errors import ConfigError
-from recbole_fmrl.evaluation.export import (
-    checkpoint_size_bytes,
-    export_submodel,
-    parameter_counts,
-    speaks_matryoshka,
-)
-
-logger = logging.getLogger(__name__)
+from recbole_fmrl.model.abstract_recommender import speaks_matryoshka
 
 
 @torch.no_grad()
@@ -37,16 +24,15 @@ def evaluate_all_sizes(trainer, eval_data, model=None) -> OrderedDict[int, Order
     """``{size: RecBole result dict}`` for every size of ``model`` (default: the trainer's), one data pass."""
     model = trainer.model if model is None else model
     if not speaks_matryoshka(model):
-        raise TypeError(
-            f"{type(model).__name__} does not speak the Matryoshka protocol (mrl_sizes, "
-            "full_sort_predict_sizes)."
+        raise ConfigError(
+            f"{type(model).__name__} is not a nested (Matryoshka) model; evaluate it with RecBole."
         )
     if not isinstance(eval_data, FullSortEvalDataLoader):
         raise ConfigError("Matryoshka evaluation needs full ranking: set eval_args mode to 'full'.")
     model.eval()
     n_items = eval_data._dataset.item_num
     collectors = [_SizeCollector(trainer.eval_collector) for _ in model.mrl_sizes]
-    predict_sizes = getattr(model, "iter_full_sort_predict_sizes", model.full_sort_predict_sizes)
+    predict_sizes = model.iter_full_sort_predict_sizes
     for interaction, history_index, positive_u, positive_i in eval_data:
         interaction = interaction.to(trainer.device)
         positives = None
@@ -127,90 +113,3 @@ class _SizeCollector:
     def finish(self, model):
         self.collector.model_collect(model)
         return self.collector.get_data_struct()
-
-
-@torch.no_grad()
-def size_costs(model, eval_data, device, n_batches: int = 5, repeats: int = 3) -> OrderedDict[int, dict]:
-    """Per size: parameters of the exported sub-model, its state size, and scoring latency per user batch."""
-    batches = []
-    for i, (interaction, *_rest) in enumerate(eval_data):
-        if i >= n_batches:
-            break
-        batches.append(interaction.to(device))
-    costs = OrderedDict()
-    for size in model.mrl_sizes:
-        sub = export_submodel(model, size).eval()
-        sub.full_sort_predict(batches[0])  # warm-up
-        timings = []
-        for _ in range(repeats):
-            for batch in batches:
-                start = time.perf_counter()
-                sub.full_sort_predict(batch)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                timings.append(time.perf_counter() - start)
-        params = parameter_counts(sub)
-        costs[size] = {
-            "params_encoder": params["encoder"],
-            "params_item_tower": params["item_tower"],
-            "state_bytes": checkpoint_size_bytes(sub),
-            "latency_ms_per_batch": 1000 * float(np.median(timings)),
-            "batch_users": int(len(batches[0])),
-        }
-    return costs
-
-
-def format_table(by_size: dict, costs: dict | None = None) -> str:
-    metrics = list(next(iter(by_size.values())))
-    extra = ["params_encoder", "params_item_tower", "latency_ms_per_batch"] if costs else []
-    header = ["size", *metrics, *extra]
-    rows = []
-    for size, result in by_size.items():
-        row = [str(size), *(f"{float(result[m]):.4f}" for m in metrics)]
-        if costs:
-            c = costs[size]
-            row += [str(c["params_encoder"]), str(c["params_item_tower"]), f"{c['latency_ms_per_batch']:.2f}"]
-        rows.append(row)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
-    return "\n".join([line(header), *(line(r) for r in rows)])
-
-
-def write_report(by_size: dict, costs: dict | None, stem: str | Path, dataset: str, model: str) -> dict:
-    """``<stem>.{csv,json,png}``, each written atomically; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    records = [
-        {"size": size, **{k: float(v) for k, v in result.items()}, **(costs[size] if costs else {})}
-        for size, result in by_size.items()
-    ]
-    keys = list(records[0])
-    atomic_write_lines(
-        f"{stem}.csv", [",".join(keys) + "\n", *(",".join(str(r[k]) for k in keys) + "\n" for r in records)]
-    )
-    atomic_write_lines(
-        f"{stem}.json", [json.dumps({"dataset": dataset, "model": model, "by_size": records}, indent=2)]
-    )
-
-    sizes = list(by_size)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for metric in next(iter(by_size.values())):
-        ax.plot(sizes, [float(by_size[s][metric]) for s in sizes], marker="o", label=metric)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.set_xlabel("embedding size")
-    ax.set_ylabel("test metric")
-    ax.set_title(f"{model} on {dataset}: one model, every size")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    tmp = stem.with_name(f".{stem.name}.png.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    os.replace(tmp, f"{stem}.png")
-    return {"csv": f"{stem}.csv", "json": f"{stem}.json", "png": f"{stem}.png"}

@@ -7,12 +7,9 @@ import copy
 import torch
 from torch import nn
 
+from recbole_fmrl.errors import ConfigError
+from recbole_fmrl.model.abstract_recommender import speaks_matryoshka
 from recbole_fmrl.model.layers.matryoshka import MatryoshkaSizeError
-
-
-def speaks_matryoshka(model: nn.Module) -> bool:
-    """The Matryoshka protocol: ``mrl_sizes`` and ``full_sort_predict_sizes``."""
-    return hasattr(model, "mrl_sizes") and callable(getattr(model, "full_sort_predict_sizes", None))
 
 
 def export_submodel(model: nn.Module, size: int) -> nn.Module:
@@ -21,9 +18,7 @@ def export_submodel(model: nn.Module, size: int) -> nn.Module:
     By the nesting invariant its scores equal the full model's size-``size`` scores.
     """
     if not speaks_matryoshka(model):
-        raise TypeError(
-            f"{type(model).__name__} has no mrl_sizes/full_sort_predict_sizes: not a nested model."
-        )
+        raise ConfigError(f"{type(model).__name__} is not a nested (Matryoshka) model: it has no sub-models.")
     if size not in model.mrl_sizes:
         raise MatryoshkaSizeError(f"size={size} is not one of the model's mrl_sizes {model.mrl_sizes}.")
     sizes = [s for s in model.mrl_sizes if s <= size]
@@ -33,12 +28,6 @@ def export_submodel(model: nn.Module, size: int) -> nn.Module:
             module.slice_(sizes)
     sub.slice_(sizes)
     return sub
-
-
-def submodel_config_updates(sizes: list[int], size: int) -> dict:
-    """Config keys that make ``load_data_and_model`` build the exported model at hidden size ``size``."""
-    kept = [s for s in sizes if s <= size]
-    return {"hidden_size": size, "embedding_size": size, "mrl_sizes": kept, "eval_size": size}
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -1,0 +1,74 @@
+"""The Matryoshka protocol every nested model of the plugin speaks, in one place.
+
+A nested model has sizes m_1 < ... < m_K = D (``mrl_sizes``) and serves ``eval_size`` through RecBole's
+``full_sort_predict``/``predict``. It yields its scores at every size from one encoder pass
+(``iter_full_sort_predict_sizes``), cuts itself to a prefix of sizes in place (``slice_``, used by the
+sub-model export), and says which config keys rebuild that smaller model (``submodel_config``). The
+evaluator, the exporter and the cost report rely on this protocol only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from recbole_fmrl.model.layers.matryoshka import nesting_from_config
+
+
+class MatryoshkaRecommender:
+    """Mixin for a RecBole recommender whose every prefix of size m_k is itself a complete model.
+
+    ``SIZE_KEY`` names the config key of D (``hidden_size`` for fMRLRec, ``embedding_size`` for MRL4Rec).
+    Subclasses implement ``iter_full_sort_predict_sizes``; everything else here is shared.
+    """
+
+    SIZE_KEY = "hidden_size"
+
+    @classmethod
+    def check_nesting(cls, config) -> None:
+        nesting_from_config(config, cls.SIZE_KEY)
+
+    def init_nesting(self, config) -> None:
+        """Read sizes, eval_size and loss weights from ``config`` (validated; errors name the keys)."""
+        self.mrl_sizes, self.eval_size, weights = nesting_from_config(config, self.SIZE_KEY)
+        self.register_buffer("size_weights", weights, persistent=False)
+
+    def slice_(self, sizes: list[int]) -> None:
+        """Become the size-``sizes[-1]`` model: the model's own tensors here, nested sub-modules by theirs."""
+        setattr(self, self.SIZE_KEY, sizes[-1])
+        self.mrl_sizes = list(sizes)
+        self.eval_size = self.eval_size if self.eval_size in sizes else sizes[-1]
+        weights = self.size_weights[: len(sizes)]
+        self.size_weights = weights / weights.sum()
+
+    def submodel_config(self, size: int) -> dict:
+        """Config keys that make ``load_data_and_model`` build this model's size-``size`` export."""
+        kept = [s for s in self.mrl_sizes if s <= size]
+        return {
+            self.SIZE_KEY: size,
+            "mrl_sizes": kept,
+            "eval_size": self.eval_size if self.eval_size in kept else size,
+        }
+
+    def iter_full_sort_predict_sizes(self, interaction) -> Iterator[torch.Tensor]:
+        """Scores over all items at each size in turn, ``[B, n_items]``, from one encoder pass."""
+        raise NotImplementedError
+
+    def full_sort_predict_sizes(self, interaction) -> torch.Tensor:
+        """Scores over all items at every size, ``[K, B, n_items]``."""
+        return torch.stack(list(self.iter_full_sort_predict_sizes(interaction)))
+
+
+def speaks_matryoshka(model: nn.Module) -> bool:
+    """Whether ``model`` is a nested model the evaluator and exporter can handle."""
+    return isinstance(model, MatryoshkaRecommender)
+
+
+def slice_embedding(old: nn.Embedding, m: int) -> nn.Embedding:
+    """An ``nn.Embedding`` with the first ``m`` columns of ``old`` (same rows and padding index)."""
+    new = nn.Embedding(old.num_embeddings, m, padding_idx=old.padding_idx).to(old.weight)
+    with torch.no_grad():
+        new.weight.copy_(old.weight[:, :m])
+    return new
