@@ -25,3 +25,7 @@ class DataFileError(RecboleFmrlError, ValueError):
 
 class CheckpointError(RecboleFmrlError, ValueError):
     """A checkpoint is missing, truncated, of another model, or not trusted."""
+
+
+class FeatureError(DataFileError):
+    """Bad feature input or configuration; the message names the problem and the fix."""

@@ -14,7 +14,7 @@ from recbole.data import create_dataset
 from recbole_fmrl.cli import amazon as amazon_cli
 from recbole_fmrl.cli import features as features_cli
 from recbole_fmrl.config import Config
-from recbole_fmrl.data import amazon, features
+from recbole_fmrl.data import amazon, features, image_encoder, item_table, text_encoder
 from recbole_fmrl.data.features import FeatureError, cached_encode, check_features, encode_modality
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def setup(tmp_path, **extra):
 
 
 def cosine_by_category(matrix, dataset, data_dir):
-    table = features.read_item_table(data_dir, "mm-sample")
+    table = item_table.read_item_table(data_dir, "mm-sample")
     cat = dict(zip(table["item_id"], table["categories"], strict=True))
     tokens = dataset.field2id_token["item_id"][1:]
     labels = np.array([cat[t] for t in tokens])
@@ -134,19 +134,19 @@ def test_interrupted_encoding_resumes_from_saved_chunks(tmp_path):
 
 
 def test_missing_or_empty_text_fields_become_untitled(mm_copy):
-    table = features.read_item_table(mm_copy / "data" / "mm-sample", "mm-sample")
+    table = item_table.read_item_table(mm_copy / "data" / "mm-sample", "mm-sample")
     table.loc[0, ["title", "categories", "brand", "price"]] = ""
-    texts = features.item_texts(table, [0, 1, None], ["title", "brand"])
-    assert texts[0] == features.UNTITLED and texts[2] == features.UNTITLED
+    texts = item_table.item_texts(table, [0, 1, None], ["title", "brand"])
+    assert texts[0] == item_table.UNTITLED and texts[2] == item_table.UNTITLED
     assert texts[1].startswith("Title: ") and "\nBrand: " in texts[1]
     with pytest.raises(FeatureError, match=r"text_fields \['colour'\] not in the item file"):
-        features.item_texts(table, [0], ["title", "colour"])
+        item_table.item_texts(table, [0], ["title", "colour"])
 
 
 def test_text_encoder_not_available_offline_says_how_to_fix(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FeatureError, match="not available offline.*local folder"):
-        features.load_text_encoder("no-such-org/no-such-model")
+        text_encoder.load_text_encoder("no-such-org/no-such-model")
 
 
 @pytest.mark.parametrize("policy", ["zero", "error"])
@@ -171,7 +171,9 @@ def test_missing_and_corrupt_images_follow_the_policy(mm_copy, tiny_clip, policy
 
 
 def test_unreachable_image_url_counts_as_missing(tmp_path):
-    assert features.resolve_image("http://127.0.0.1:9/x.png", tmp_path, tmp_path / "dl", timeout=2) is None
+    assert (
+        image_encoder.resolve_image("http://127.0.0.1:9/x.png", tmp_path, tmp_path / "dl", timeout=2) is None
+    )
 
 
 def test_nan_or_wrong_shape_features_are_rejected():
@@ -352,9 +354,9 @@ def test_items_missing_from_the_item_file_are_counted(mm_copy, caplog):
     item_file.write_text("\n".join([lines[0], *lines[3:], lines[5]]) + "\n")  # 2 items gone, 1 repeated
     config, dataset = setup(mm_copy)  # RecBole drops the interactions of items its .item lacks: reported
     assert "RecBole dropped" in caplog.text and "see filter_inter_by_user_or_item" in caplog.text
-    table = features.read_item_table(item_file.parent, "mm-sample")
+    table = item_table.read_item_table(item_file.parent, "mm-sample")
     tokens = [*dataset.field2id_token["item_id"][1:], "ghost"]
-    features._aligned_rows(table, tokens, "item_id", False, str(item_file))
+    item_table.aligned_rows(table, tokens, "item_id", False, str(item_file))
     assert "1 rows repeat an item id" in caplog.text and "1 of 199 items have no row" in caplog.text
     with pytest.raises(FeatureError, match="strict_features is True"):
-        features._aligned_rows(table, tokens, "item_id", True, str(item_file))
+        item_table.aligned_rows(table, tokens, "item_id", True, str(item_file))

@@ -19,7 +19,7 @@ from recbole.utils import init_logger
 from recbole_fmrl.cli import config_from_cli, parser, run_cli
 from recbole_fmrl.config import Config
 from recbole_fmrl.data.atomic import atomic_write_lines, check_atomic_files
-from recbole_fmrl.data.features import as_list, load_item_features
+from recbole_fmrl.data.features import as_list, feature_cache_dir, load_item_features
 
 
 def export_atomic(features: dict, dataset, out_dir: Path, name: str) -> Path:
@@ -69,9 +69,7 @@ def _main(argv: list[str]) -> int:
     for modality, matrix in features.items():
         norms = np.linalg.norm(matrix[1:].numpy(), axis=1)
         print(f"  {modality}: {tuple(matrix.shape)} (row 0 = padding), mean L2 norm {norms.mean():.3f}")
-    print(
-        f"  cache: {Path(config['feature_cache_dir'] or '.cache/recbole_fmrl/features').resolve() / dataset_name}"
-    )
+    print(f"  cache: {feature_cache_dir(config).resolve()}")
     if args.export_atomic:
         path = export_atomic(features, dataset, Path(config["data_path"]), dataset_name)
         m = list(features)[0]
