@@ -32,4 +32,4 @@ data: $(STAMP)
 	$(PY) -m recbole_fmrl.data.mm_sample --out dataset_atomic/mm-sample
 
 clean:
-	rm -rf log log_tensorboard saved .pytest_cache .ruff_cache
+	rm -rf log log_tensorboard saved ray_results .pytest_cache .ruff_cache .hypothesis .cache *.egg-info build dist

@@ -1,7 +1,7 @@
 """Export check on a trained checkpoint: the size-D export gives the nested model's top-10 for every test user.
 
     python -m benchmarks.export_check --model_file=saved/fMRLRec-....pth --size=64 [--output=/tmp/sub.pth]
-Writes benchmarks/results/export_check.json.
+Writes benchmarks/runs/export_check.json (git-ignored).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "exported_scoring_s": t_small,
     }
     result["shrink"] = result["full_checkpoint_bytes"] / result["exported_bytes"]
-    out = Path(__file__).resolve().parent / "results" / "export_check.json"
+    out = Path(__file__).resolve().parent / "runs" / "export_check.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

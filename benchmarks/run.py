@@ -1,9 +1,11 @@
-"""Speed and memory benchmarks (``make bench``); results go to ``benchmarks/results/<name>.json``.
+"""Speed and memory benchmarks (``make bench``); results go to ``benchmarks/runs/<UTC time>/<name>.json``.
 
 Each benchmark runs in its own process, so its peak RSS is its own. Dataset benchmarks use Amazon Beauty
 from ``--data_path`` (default ``../shared/datasets``) and fall back to the shipped mm-sample when absent.
 
-    python -m benchmarks.run [--only masked_linear,train_modes,eval_sizes] [--data_path=...] [--steps=20]
+    python -m benchmarks.run [--only masked_linear,train_modes,eval_sizes] [--data_path=...] [--steps=20] [--out=DIR]
+
+``benchmarks/runs/`` is git-ignored: runs are outputs, not source.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = Path(__file__).resolve().parent / "runs"
 BENCHMARKS = ("masked_linear", "train_modes", "eval_sizes")
 
 
@@ -94,12 +96,12 @@ def _build(dataset: str, extra: dict):
     from recbole_fmrl.utils import get_model, get_trainer
 
     profile = str(Path(__file__).resolve().parents[1] / "properties" / "profiles" / "fMRLRec-cpu.yaml")
-    sys.argv = sys.argv[:1]
     config = Config(
         "fMRLRec",
         dataset,
         config_file_list=[profile],
         config_dict={"state": "WARNING", "show_progress": False, **extra},
+        cli_args=[],
     )
     init_seed(config["seed"], True)
     data = create_dataset(config)
@@ -113,7 +115,7 @@ def bench_train_modes(args) -> dict:
     """fMRLRec training time per epoch, RecBole's prefix samples vs all_positions (timed steps x batches)."""
     import torch
 
-    from recbole_fmrl.trainer import last_windows
+    from recbole_fmrl.data.training_windows import last_windows
 
     dataset, extra = _beauty_or_sample(args)
     out = {"dataset": dataset}
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--out", default=None, help="output folder (default: benchmarks/runs/<UTC time>)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(run_one(args.child, args)))
         return 0
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else RUNS / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    out.mkdir(parents=True, exist_ok=True)
     for name in args.only.split(","):
         cmd = [
             sys.executable,
@@ -210,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
             "machine": _machine(),
             **json.loads(proc.stdout.strip().splitlines()[-1]),
         }
-        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"{name}: {json.dumps({k: v for k, v in result.items() if k not in ('machine', 'per_size')})}")
+    print(f"results in {out}")
     return 0
 
 

@@ -11,12 +11,12 @@ from recbole.utils import init_seed
 
 from recbole_fmrl.config import Config
 from recbole_fmrl.data.features import FeatureError
+from recbole_fmrl.data.training_windows import last_windows
 from recbole_fmrl.errors import ConfigError
 from recbole_fmrl.model.layers.matryoshka import MatryoshkaSizeError
 from recbole_fmrl.model.sequential_recommender.fmrlrec import fMRLRec
 from recbole_fmrl.quick_start import run_recbole_fmrl
 from recbole_fmrl.submodel.export import export_submodel, parameter_counts
-from recbole_fmrl.trainer import last_windows
 
 ID_ONLY = {
     "modalities": [],
