@@ -43,6 +43,16 @@ def run_cli(main: Callable[[list[str]], int], argv: Sequence[str] | None = None)
         return EXIT_USAGE
 
 
+def cli_entry(main: Callable[[list[str]], int]) -> Callable[[Sequence[str] | None], int]:
+    """``main(argv)`` wrapped by ``run_cli``: the entry point a ``python -m`` module exposes."""
+
+    def entry(argv: Sequence[str] | None = None) -> int:
+        return run_cli(main, argv)
+
+    entry.__doc__ = main.__doc__
+    return entry
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's usage + exit, as one line and our exit code
         raise ConfigError(f"{self.prog}: {message} (see --help)")

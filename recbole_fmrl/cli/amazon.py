@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from recbole_fmrl.cli import parser, run_cli
+from recbole_fmrl.cli import cli_entry, parser
 from recbole_fmrl.data.amazon import convert, convert_joined
 from recbole_fmrl.errors import ConfigError
 
@@ -34,8 +34,7 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(_main, argv)
+main = cli_entry(_main)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from recbole_fmrl.cli import checkpoint_parser, run_cli
+from recbole_fmrl.cli import checkpoint_parser, cli_entry
 
 
 def _cli():
@@ -45,8 +45,7 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(_main, argv)
+main = cli_entry(_main)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from recbole_fmrl.cli import checkpoint_parser, run_cli
+from recbole_fmrl.cli import checkpoint_parser, cli_entry
 from recbole_fmrl.errors import ConfigError
 
 
@@ -48,8 +48,7 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(_main, argv)
+main = cli_entry(_main)
 
 
 if __name__ == "__main__":

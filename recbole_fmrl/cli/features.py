@@ -16,7 +16,7 @@ import numpy as np
 from recbole.data import create_dataset
 from recbole.utils import init_logger
 
-from recbole_fmrl.cli import config_from_cli, parser, run_cli
+from recbole_fmrl.cli import cli_entry, config_from_cli, parser
 from recbole_fmrl.config import Config
 from recbole_fmrl.data.atomic import atomic_write_lines, check_atomic_files
 from recbole_fmrl.data.features import as_list, feature_cache_dir, load_item_features
@@ -39,6 +39,13 @@ def export_atomic(features: dict, dataset, out_dir: Path, name: str) -> Path:
 
     atomic_write_lines(path, lines())
     return path
+
+
+def _preload_hint(modality: str) -> str:
+    return (
+        f"additional_feat_suffix: [itememb], load_col: {{itememb: [iid, {modality}_emb]}}, "
+        f"alias_of_item_id: [iid], preload_weight: {{iid: {modality}_emb}}"
+    )
 
 
 def _cli():
@@ -72,16 +79,11 @@ def _main(argv: list[str]) -> int:
     print(f"  cache: {feature_cache_dir(config).resolve()}")
     if args.export_atomic:
         path = export_atomic(features, dataset, Path(config["data_path"]), dataset_name)
-        m = list(features)[0]
-        print(
-            f"  atomic features: {path}\n  use it in any RecBole model: additional_feat_suffix: [itememb], "
-            f"load_col: {{itememb: [iid, {m}_emb]}}, alias_of_item_id: [iid], preload_weight: {{iid: {m}_emb}}"
-        )
+        print(f"  atomic features: {path}\n  use it in any RecBole model: {_preload_hint(list(features)[0])}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(_main, argv)
+main = cli_entry(_main)
 
 
 if __name__ == "__main__":

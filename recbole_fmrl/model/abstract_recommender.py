@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from recbole_fmrl.errors import ConfigError
 from recbole_fmrl.model.layers.matryoshka import nesting_from_config
 
 
@@ -27,11 +28,14 @@ class MatryoshkaRecommender:
     SIZE_KEY = "hidden_size"
 
     @classmethod
-    def check_nesting(cls, config) -> None:
+    def check_config(cls, config) -> None:
+        """Fail on a bad value before any data is loaded (the plugin's Config calls this); extend it."""
         nesting_from_config(config, cls.SIZE_KEY)
 
     def init_nesting(self, config) -> None:
-        """Read sizes, eval_size and loss weights from ``config`` (validated; errors name the keys)."""
+        """Check ``config``, then read D, the sizes, eval_size and loss weights (errors name the keys)."""
+        self.check_config(config)
+        setattr(self, self.SIZE_KEY, int(config[self.SIZE_KEY]))
         self.mrl_sizes, self.eval_size, weights = nesting_from_config(config, self.SIZE_KEY)
         self.register_buffer("size_weights", weights, persistent=False)
 
@@ -59,6 +63,14 @@ class MatryoshkaRecommender:
     def full_sort_predict_sizes(self, interaction) -> torch.Tensor:
         """Scores over all items at every size, ``[K, B, n_items]``."""
         return torch.stack(list(self.iter_full_sort_predict_sizes(interaction)))
+
+
+def require_int(config, key: str, minimum: int, meaning: str) -> int:
+    """``config[key]`` as a whole number >= ``minimum``, or a ``ConfigError`` naming the key."""
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r} must be a whole number >= {minimum} ({meaning}).")
+    return value
 
 
 def speaks_matryoshka(model: nn.Module) -> bool:

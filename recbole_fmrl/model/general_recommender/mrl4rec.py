@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from recbole_fmrl.errors import ConfigError
-from recbole_fmrl.model.abstract_recommender import MatryoshkaRecommender, slice_embedding
+from recbole_fmrl.model.abstract_recommender import MatryoshkaRecommender, require_int, slice_embedding
 from recbole_fmrl.model.layers.matryoshka import iter_size_scores
 
 NEG_MODES = ("mns", "rns", "dns")
@@ -31,25 +31,16 @@ class MRL4Rec(MatryoshkaRecommender, GeneralRecommender):
 
     @classmethod
     def check_config(cls, config) -> None:
-        """Fail on a bad value before any data is loaded (the plugin's Config calls this)."""
-        cls.check_nesting(config)
+        super().check_config(config)
         if config["mrl_neg_sampling"] not in NEG_MODES:
             raise ConfigError(
                 f"mrl_neg_sampling={config['mrl_neg_sampling']!r} is not valid: use one of {NEG_MODES}."
             )
-        n_negs = config["n_negs"]
-        if isinstance(n_negs, bool) or not isinstance(n_negs, int) or n_negs < 1:
-            raise ConfigError(
-                f"n_negs={n_negs!r} must be a whole number >= 1 (candidate negatives per level)."
-            )
-        layers = config["n_layers"]
-        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
-            raise ConfigError(f"n_layers={layers!r} must be a whole number >= 0 (0 = MF, > 0 = LightGCN).")
+        require_int(config, "n_negs", 1, "candidate negatives per level")
+        require_int(config, "n_layers", 0, "0 = MF, > 0 = LightGCN")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.check_config(config)
-        self.embedding_size = int(config["embedding_size"])
         self.init_nesting(config)
         self.n_layers = int(config["n_layers"])
         self.reg_weight = float(config["reg_weight"])

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from recbole_fmrl.data.features import MODALITIES, as_list, load_item_features
 from recbole_fmrl.errors import CheckpointError, ConfigError
-from recbole_fmrl.model.abstract_recommender import MatryoshkaRecommender, slice_embedding
+from recbole_fmrl.model.abstract_recommender import MatryoshkaRecommender, require_int, slice_embedding
 from recbole_fmrl.model.layers.lru import LRUEncoder
 from recbole_fmrl.model.layers.matryoshka import iter_nested_scores, iter_size_scores
 
@@ -111,13 +111,11 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
     standalone size-m_k model's (the sub-model export).
     """
 
-    input_type = InputType.POINTWISE
-    SIZE_KEY = "hidden_size"
+    input_type = InputType.POINTWISE  # SIZE_KEY: hidden_size (the protocol's default)
 
     @classmethod
     def check_config(cls, config) -> None:
-        """Fail on a bad value before any data is loaded (the plugin's Config calls this)."""
-        cls.check_nesting(config)
+        super().check_config(config)
         if config["train_mode"] not in TRAIN_MODES:
             raise ConfigError(f"train_mode={config['train_mode']!r} is not valid: use one of {TRAIN_MODES}.")
         precomputed = config["precomputed_features"] or {}
@@ -142,14 +140,10 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
             value = config[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(f"{key}={value!r} must be a number in [0, 1).")
-        layers = config["n_layers"]
-        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
-            raise ConfigError(f"n_layers={layers!r} must be a whole number >= 1 (LRU blocks).")
+        require_int(config, "n_layers", 1, "LRU blocks")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.check_config(config)
-        self.hidden_size = int(config["hidden_size"])
         self.init_nesting(config)
         self.train_mode = config["train_mode"]
 
