@@ -89,11 +89,16 @@ def test_exported_submodel_file_roundtrip(trained, tmp_path, monkeypatch):
     _, nested, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
     config, small, _, train_data, _, _ = load_data_and_model(str(tmp_path / "sub16.pth"))
     assert small.hidden_size == 16 and small.mrl_sizes == [8, 16]
-    nested.eval(), small.eval()
-    with torch.no_grad():
-        for batch, *_ in test_data:  # the same top-10 for every test user
-            expected = nested.full_sort_predict_sizes(batch)[1].topk(10).indices
-            assert torch.equal(small.full_sort_predict(batch).topk(10).indices, expected)
+    nested.eval()
+    for k, size in enumerate(SIZES):  # every size: same top-10 for every test user, scores up to rounding
+        _, sub, *_ = load_data_and_model(str(tmp_path / f"sub{size}.pth"))
+        sub.eval()
+        with torch.no_grad():
+            for batch, *_ in test_data:
+                expected = nested.full_sort_predict_sizes(batch)[k]
+                got = sub.full_sort_predict(batch)
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+                assert torch.equal(got.topk(10).indices, expected.topk(10).indices)
     trainer = Trainer(config, small)  # RecBole's plain Trainer loads and evaluates the exported file
     trainer.eval_collector.data_collect(train_data)
     plain = trainer.evaluate(test_data, load_best_model=True, model_file=str(tmp_path / "sub16.pth"))

@@ -46,9 +46,6 @@ class MRL4Rec(MatryoshkaRecommender, GeneralRecommender):
         self.reg_weight = float(config["reg_weight"])
         self.n_negs = int(config["n_negs"])
         self.neg_mode = config["mrl_neg_sampling"]
-        if self.neg_mode == "dns":  # single-level DNS on the full size (MRL-S)
-            self.mrl_sizes = [self.embedding_size]
-            self.size_weights = torch.ones(1)
 
         self.user_embedding = nn.Embedding(self.n_users, self.embedding_size)
         self.item_embedding = nn.Embedding(self.n_items, self.embedding_size)
@@ -122,6 +119,16 @@ class MRL4Rec(MatryoshkaRecommender, GeneralRecommender):
             cand[bad] = torch.randint(1, self.n_items, (int(bad.sum()),), device=users.device)
         raise RuntimeError("could not draw negatives: some users have interacted with (almost) every item")
 
+    def shared_negatives(
+        self, user_e: torch.Tensor, items: torch.Tensor, users: torch.Tensor
+    ) -> torch.Tensor:
+        """``[B, K]``: one DNS negative by the full-size score, shared by every level (the paper's MRL w/o MNS)."""
+        cand = self.sample_candidates(users, self.n_negs)
+        with torch.no_grad():
+            scores = torch.bmm(items[cand], user_e[:, :, None]).squeeze(2)
+        pick = cand.gather(1, scores.argmax(dim=1, keepdim=True))
+        return pick.expand(-1, len(self.mrl_sizes))
+
     def level_negatives(self, user_e: torch.Tensor, items: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
         """``[B, K]``: per level, the candidate with the highest level-k prefix score (DNS per level)."""
         k_levels = len(self.mrl_sizes)
@@ -150,8 +157,10 @@ class MRL4Rec(MatryoshkaRecommender, GeneralRecommender):
         users, pos = interaction[self.USER_ID], interaction[self.ITEM_ID]
         user_all, item_all = self.forward()
         user_e = user_all[users]
-        if self.neg_mode == "rns":
-            negs = interaction[self.NEG_ITEM_ID].unsqueeze(1).expand(-1, len(self.mrl_sizes))
+        if self.neg_mode == "rns":  # one independent random unseen negative per level, as the official code
+            negs = self.sample_candidates(users, len(self.mrl_sizes))
+        elif self.neg_mode == "dns":
+            negs = self.shared_negatives(user_e, item_all, users)
         else:
             negs = self.level_negatives(user_e, item_all, users)
         pos_s = self.prefix_scores(user_e, item_all[pos])  # [B, K]

@@ -62,6 +62,13 @@ class LRULayer(nn.Module):
         self.in_im = MatryoshkaLinear(sizes, bias=bias)
         self.out_re = MatryoshkaLinear(sizes, bias=bias)
         self.out_im = MatryoshkaLinear(sizes, bias=False)  # Re(C h) = C_re h_re - C_im h_im (+ one bias)
+        with (
+            torch.no_grad()
+        ):  # as the official code: real B and C cast to complex (imaginary parts start at 0)
+            for part in (self.in_im, self.out_im):
+                part.weight.zero_()
+                if part.bias is not None:
+                    part.bias.zero_()
         self.dropout = nn.Dropout(dropout)
 
     @torch.no_grad()

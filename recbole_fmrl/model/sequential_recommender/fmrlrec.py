@@ -20,6 +20,7 @@ from recbole_fmrl.errors import CheckpointError, ConfigError
 from recbole_fmrl.model.abstract_recommender import MatryoshkaRecommender, require_int, slice_embedding
 from recbole_fmrl.model.layers.lru import LRUEncoder
 from recbole_fmrl.model.layers.matryoshka import iter_nested_scores, iter_size_scores
+from recbole_fmrl.trainer import SCHEDULES
 
 TRAIN_MODES = ("prefix", "all_positions")
 logger = logging.getLogger(__name__)
@@ -62,7 +63,12 @@ class ItemTower(nn.Module):
             else:
                 self.features = nn.Parameter(stacked)
             self.projection = nn.Linear(stacked.size(1), hidden_size)
-        self.id_embedding = nn.Embedding(n_items, hidden_size, padding_idx=0) if use_id_embedding else None
+        self.id_embedding = None
+        if use_id_embedding:  # RecBole's init N(0, 0.02) with a zero padding row; N(0, 1) gives a CE of ~85
+            self.id_embedding = nn.Embedding(n_items, hidden_size, padding_idx=0)
+            with torch.no_grad():
+                self.id_embedding.weight.normal_(0.0, 0.02)
+                self.id_embedding.weight[0].zero_()
         if self.projection is None and self.id_embedding is None:
             raise ValueError("fMRLRec needs item features (modalities) or use_id_embedding: True.")
 
@@ -141,6 +147,11 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(f"{key}={value!r} must be a number in [0, 1).")
         require_int(config, "n_layers", 1, "LRU blocks")
+        require_int(config, "warmup_steps", 0, "optimizer steps of linear warm-up")
+        if config["lr_scheduler"] not in SCHEDULES:
+            raise ConfigError(
+                f"lr_scheduler={config['lr_scheduler']!r} is not valid: use one of {SCHEDULES}."
+            )
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)

@@ -1,0 +1,129 @@
+"""Mechanisms that follow the papers' official code: initialisation, optimiser, schedule, negatives, stats."""
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from conftest import FAST
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_seed
+from torch.nn import functional as F
+
+from recbole_fmrl.config import Config
+from recbole_fmrl.model.general_recommender.mrl4rec import MRL4Rec
+from recbole_fmrl.model.layers.lru import LRULayer
+from recbole_fmrl.model.sequential_recommender.fmrlrec import fMRLRec
+from recbole_fmrl.trainer import fMRLRecTrainer, warmup_cosine
+
+ID_ONLY = {**FAST, "modalities": [], "use_id_embedding": True, "hidden_size": 64, "mrl_sizes": [16, 64]}
+
+
+@pytest.fixture(scope="module")
+def mm():
+    config = Config("fMRLRec", "mm-sample", config_dict=ID_ONLY)
+    dataset = create_dataset(config)
+    return config, dataset, *data_preparation(config, dataset)
+
+
+def test_id_embeddings_start_small_so_the_first_loss_is_about_log_n(mm):
+    config, dataset, train, *_ = mm
+    init_seed(0, True)
+    model = fMRLRec(config, train._dataset)
+    weight = model.item_tower.id_embedding.weight
+    assert torch.equal(weight[0], torch.zeros_like(weight[0]))
+    assert 0.015 < weight[1:].std().item() < 0.025
+    loss = model.calculate_loss(next(iter(train)).to(config["device"])).item()
+    assert abs(loss - math.log(dataset.item_num)) < 0.5, (loss, math.log(dataset.item_num))
+
+
+def test_lru_projections_start_real():
+    layer = LRULayer([4, 8])
+    assert not layer.in_im.weight.any() and not layer.in_im.bias.any() and not layer.out_im.weight.any()
+    assert layer.in_re.weight.any() and layer.out_re.weight.any()
+
+
+def test_warmup_cosine_schedule_values():
+    f = warmup_cosine(100, 1100)
+    assert f(0) == 0 and f(50) == pytest.approx(0.5) and f(100) == pytest.approx(1.0)
+    assert f(600) == pytest.approx(0.5) and f(1100) == pytest.approx(0.0) and f(5000) == pytest.approx(0.0)
+
+
+def test_trainer_warms_up_and_spares_biases_and_norms_from_decay(mm, in_tmp):
+    config, _, train, valid, _ = mm
+    config["warmup_steps"], config["epochs"] = 4, 1
+    init_seed(0, True)
+    model = fMRLRec(config, train._dataset)
+    trainer = fMRLRecTrainer(config, model)
+    decay, no_decay = trainer.optimizer.param_groups
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == config["weight_decay"]
+    assert trainer.optimizer.defaults["eps"] == pytest.approx(1e-9)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("bias" in names[id(p)] or "norm" in names[id(p)] for p in no_decay["params"])
+    assert any("norm" in names[id(p)] for p in no_decay["params"])
+    trainer._attach_schedule(steps_per_epoch=10)
+    lrs = []
+    for _ in range(6):
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+    peak = config["learning_rate"]
+    assert lrs[:5] == pytest.approx([0, peak / 4, peak / 2, 3 * peak / 4, peak])
+    assert lrs[5] < peak
+
+
+def test_training_statistics_come_from_all_training_data(mm, in_tmp):
+    config, _, train, valid, _ = mm
+    config["metrics"] = ["NDCG", "AveragePopularity"]
+    config["epochs"] = 1
+    init_seed(0, True)
+    trainer = fMRLRecTrainer(config, fMRLRec(config, train._dataset))
+    trainer.fit(train, valid, saved=False)
+    counted = trainer.eval_collector.data_struct.get("data.count_items")
+    items = train._dataset.inter_feat[train._dataset.iid_field].tolist()
+    assert counted == Counter(items)
+    assert "data_collect" not in vars(trainer.eval_collector)
+
+
+@pytest.fixture(scope="module")
+def ml100k():
+    config = Config("MRL4Rec", "ml-100k", config_dict={"state": "WARNING"})
+    dataset = create_dataset(config)
+    train, _, _ = data_preparation(config, dataset)
+    return config, train
+
+
+def _model(ml100k, mode):
+    config, train = ml100k
+    config["mrl_neg_sampling"], config["n_negs"] = mode, 8
+    init_seed(0, True)
+    return MRL4Rec(config, train._dataset)
+
+
+def test_dns_shares_one_full_size_hard_negative_across_levels(ml100k):
+    model = _model(ml100k, "dns")
+    assert model.mrl_sizes == [4, 8, 16, 32, 64]  # the nesting is kept: Matryoshka BPR at every level
+    users = torch.arange(1, 33)
+    user_all, item_all = model.forward()
+    negs = model.shared_negatives(user_all[users], item_all, users)
+    assert negs.shape == (32, 5) and (negs == negs[:, :1]).all()
+    assert not model.is_training_positive(users, negs[:, 0]).any()
+
+
+def test_rns_draws_an_independent_negative_per_level(ml100k):
+    model = _model(ml100k, "rns")
+    batch = next(iter(ml100k[1]))
+    seen = []
+    original = model.sample_candidates
+    model.sample_candidates = lambda users, n: seen.append(n) or original(users, n)
+    model.calculate_loss(batch)
+    assert seen == [len(model.mrl_sizes)]
+
+
+def test_first_loss_of_dns_uses_every_level(ml100k, monkeypatch):
+    model = _model(ml100k, "dns")
+    batch = next(iter(ml100k[1]))
+    weights = torch.zeros(5)
+    weights[0] = 1.0
+    model.size_weights = weights  # only the smallest level counts: the loss must still be finite and > 0
+    loss = model.calculate_loss(batch)
+    assert torch.isfinite(loss) and loss > 0 and F.softplus(torch.zeros(())) > 0
