@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,9 @@ def resolve_image(ref: str, data_dir: Path, download_dir: Path, timeout: float =
                 logger.warning(f"image URL unreachable: {ref} ({err})")
                 return None
             download_dir.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+            partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # a torn download is never used
+            partial.write_bytes(data)
+            os.replace(partial, target)
         return target
     path = Path(ref)
     path = path if path.is_absolute() else data_dir / path
