@@ -124,11 +124,16 @@ def is_trusted(path: str | os.PathLike) -> bool:
     return os.path.realpath(path) in _TRUSTED
 
 
-def refusal(path, what: str = "checkpoint") -> UntrustedFileError:
+_TRUST_CHECKPOINT = (
+    "If you trust it, pass --trust (CLI), load_data_and_model(path, trust=True), or call "
+    "recbole_fmrl.compat.trust_checkpoint(path) first."
+)
+
+
+def refusal(path, what: str = "checkpoint", fix: str = _TRUST_CHECKPOINT) -> UntrustedFileError:
     return UntrustedFileError(
         f"Refusing to unpickle {what} {path!s}: it holds pickled Python objects (RecBole's format), and "
-        "unpickling a file can run code. If you trust it, pass --trust (CLI), load_data_and_model(path, "
-        "trust=True), or call recbole_fmrl.compat.trust_checkpoint(path) first."
+        f"unpickling a file can run code. {fix}"
     )
 
 
@@ -175,7 +180,10 @@ class _GuardedPickle(types.ModuleType):
         name = getattr(file, "name", None)
         if name is None or not is_trusted(name):
             raise refusal(
-                name, "saved RecBole dataset/dataloader (delete it to rebuild from the atomic files)"
+                name,
+                "saved RecBole dataset/dataloader",
+                "To rebuild from the atomic files, delete it; or, if you trust it, call "
+                "recbole_fmrl.compat.trust_checkpoint(path) before the run.",
             )
         return pickle.load(file, *args, **kwargs)
 

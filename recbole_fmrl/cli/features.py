@@ -18,8 +18,9 @@ from recbole.utils import init_logger
 
 from recbole_fmrl.cli import cli_entry, config_from_cli, parser
 from recbole_fmrl.config import Config
-from recbole_fmrl.data.atomic import atomic_write_lines, check_atomic_files
+from recbole_fmrl.data.atomic import check_atomic_files
 from recbole_fmrl.data.features import as_list, feature_cache_dir, load_item_features
+from recbole_fmrl.fileio import atomic_write_lines
 
 
 def export_atomic(features: dict, dataset, out_dir: Path, name: str) -> Path:

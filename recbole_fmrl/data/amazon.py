@@ -25,8 +25,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from recbole_fmrl.data.atomic import atomic_write_lines
 from recbole_fmrl.errors import DataFileError
+from recbole_fmrl.fileio import atomic_write_lines
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ logs a warning with counts for every drop.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from recbole_fmrl.errors import DataFileError
@@ -188,19 +187,3 @@ def install_filter_report() -> None:
     from recbole.data.dataset import Dataset
 
     Dataset._data_filtering = _data_filtering_with_report
-
-
-def atomic_write_lines(path: str | os.PathLike, lines) -> None:
-    """Write text lines to ``path`` through a temp file renamed into place: a crash leaves the old file."""
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from recbole_fmrl.errors import FeatureError
+from recbole_fmrl.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -25,19 +24,6 @@ def digest(*parts: object) -> str:
     for part in parts:
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
-
-
-def _save_atomic(path: Path, save: Callable[[str], None], suffix: str = ".npy") -> None:
-    """Write through ``save(tmp)`` to a temp file beside ``path``, renamed into place when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
-    os.close(fd)
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _problem(matrix: np.ndarray, n_rows: int) -> str | None:
@@ -115,7 +101,7 @@ def cached_encode(
                     raise FeatureError(
                         f"{desc}: the encoder returned {problem} for rows {start}-{end}; fix the encoder."
                     )
-                _save_atomic(chunk_file, lambda tmp, b=block: np.save(tmp, b))
+                atomic_write(chunk_file, lambda tmp, b=block: np.save(tmp, b), suffix=".npy")
             blocks.append(block)
             bar.update(end - start)
     matrix = np.concatenate(blocks) if blocks else np.zeros((0, 0), dtype=np.float32)
@@ -123,6 +109,6 @@ def cached_encode(
     if problem:
         raise FeatureError(f"{desc}: the encoded matrix has {problem}; delete {partial} and encode again.")
     ids_array = np.asarray(ids, dtype=str)
-    _save_atomic(cache_file, lambda tmp: np.savez(tmp, features=matrix, ids=ids_array), suffix=".npz")
+    atomic_write(cache_file, lambda tmp: np.savez(tmp, features=matrix, ids=ids_array), suffix=".npz")
     shutil.rmtree(partial, ignore_errors=True)
     return matrix

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from recbole_fmrl.errors import FeatureError
+from recbole_fmrl.fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,7 @@ def resolve_image(ref: str, data_dir: Path, download_dir: Path, timeout: float =
             except OSError as err:
                 logger.warning(f"image URL unreachable: {ref} ({err})")
                 return None
-            download_dir.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # a torn download is never used
-            partial.write_bytes(data)
-            os.replace(partial, target)
+            atomic_write_bytes(target, data)  # a torn download is never used
         return target
     path = Path(ref)
     path = path if path.is_absolute() else data_dir / path

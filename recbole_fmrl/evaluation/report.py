@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from logging import getLogger
 from pathlib import Path
 
 from recbole.utils import set_color
 
-from recbole_fmrl.data.atomic import atomic_write_lines
 from recbole_fmrl.evaluation.costs import size_costs
 from recbole_fmrl.evaluation.evaluate import evaluate_all_sizes
+from recbole_fmrl.fileio import atomic_write, atomic_write_lines
 
 
 def report_all_sizes(config, trainer, test_data) -> dict:
@@ -76,8 +75,6 @@ def write_report(by_size: dict, costs: dict | None, stem: str | Path, dataset: s
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = stem.with_name(f".{stem.name}.png.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
+    atomic_write(f"{stem}.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, f"{stem}.png")
     return {"csv": f"{stem}.csv", "json": f"{stem}.json", "png": f"{stem}.png"}

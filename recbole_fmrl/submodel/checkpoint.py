@@ -7,10 +7,8 @@ rebuilds the Config from them, and RecBole's own Trainer reads their ``state_dic
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 
 from recbole_fmrl import compat
 from recbole_fmrl.errors import CheckpointError
+from recbole_fmrl.fileio import atomic_write
 
 FORMAT = "recbole-fmrl/1"
 # Keys RecBole derives while building a Config; passing them back in would clash with that derivation.
@@ -41,17 +40,9 @@ class CheckpointMismatchError(CheckpointError):
     """A checkpoint does not fit the model it is loaded into."""
 
 
-def _is_plain(value) -> bool:
-    try:
-        json.dumps(value)
-    except TypeError:
-        return False
-    return True
-
-
 def portable_config(config) -> dict:
     """The user-settable part of a RecBole Config, as JSON-able data."""
-    out = {k: v for k, v in config.final_config_dict.items() if k not in _DERIVED and _is_plain(v)}
+    out = {k: v for k, v in config.final_config_dict.items() if k not in _DERIVED and _plain_data(v)}
     neg = out.get("train_neg_sample_args")
     if isinstance(neg, dict) and neg.get("distribution") == "none":
         out["train_neg_sample_args"] = None
@@ -71,21 +62,8 @@ def save_portable(path: str | os.PathLike, config, model: torch.nn.Module, **ove
         "config": {**portable_config(config), **overrides},
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
-    atomic_torch_save(state, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file beside ``path``, renamed over it only when complete."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _plain_data(value) -> bool:
@@ -104,8 +82,6 @@ def _torch_load(path: str, weights_only: bool):
         with warnings.catch_warnings():  # "Detected pickle protocol 4": RecBole saves with protocol 4
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError:
-        raise
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, AttributeError) as err:
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err)[:120]}): the file is "
