@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from logging import getLogger
 
 from recbole.data import create_dataset, data_preparation
@@ -16,6 +17,7 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 from recbole_fmrl.cli import config_from_cli, parser, run_cli
 from recbole_fmrl.config import Config
 from recbole_fmrl.data.atomic import check_atomic_files
+from recbole_fmrl.errors import ConfigError
 from recbole_fmrl.evaluation import format_table, report_all_sizes
 from recbole_fmrl.model.abstract_recommender import speaks_matryoshka
 from recbole_fmrl.submodel.checkpoint import check_fits, read_checkpoint
@@ -42,6 +44,7 @@ def run_recbole_fmrl(
         cli_args=cli_args,
     )
     check_atomic_files(config)  # before any log line: a bad file is one clear error, not a pandas traceback
+    TrainingClock.check_budget(config["time_budget"])
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
@@ -58,9 +61,18 @@ def run_recbole_fmrl(
 
     by_size = speaks_matryoshka(model) and _full_ranking(test_data, logger)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
-    best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
-    )
+    clock = TrainingClock(config["time_budget"])
+    try:
+        trainer.fit(
+            train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=clock
+        )
+    except TimeBudgetReached:
+        logger.info(
+            f"time_budget of {clock.budget_minutes} minutes reached after epoch {clock.history[-1][0]}: "
+            "testing the best model so far"
+        )
+    clock.stop()
+    best_valid_score, best_valid_result = trainer.best_valid_score, trainer.best_valid_result
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
     if by_size:
@@ -76,10 +88,72 @@ def run_recbole_fmrl(
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "saved_model_file": trainer.saved_model_file if saved else None,
+        **clock.summary(trainer, config),
     }
     if by_size:
         result["test_result_by_size"] = result_by_size
     return result
+
+
+class TimeBudgetReached(Exception):
+    """Raised between epochs once ``time_budget`` minutes of training have passed."""
+
+
+class TrainingClock:
+    """``fit``'s callback: the validation history, and a wall-clock budget (config ``time_budget``, minutes).
+
+    The budget is checked after each validation, so the best checkpoint so far is saved and then tested:
+    a budgeted run ends like an early-stopped one, with nothing lost.
+    """
+
+    def __init__(self, budget_minutes: float | None):
+        self.budget_minutes = self.check_budget(budget_minutes)
+        self.start = time.perf_counter()
+        self.history: list[tuple[int, float]] = []
+        self.budget_reached = False
+        self.train_seconds: float | None = None
+
+    @staticmethod
+    def check_budget(budget_minutes) -> float | None:
+        if budget_minutes is not None and (
+            isinstance(budget_minutes, bool)
+            or not isinstance(budget_minutes, (int, float))
+            or not budget_minutes > 0
+        ):
+            raise ConfigError(
+                f"time_budget={budget_minutes!r} must be a positive number of minutes, or ~ for no budget."
+            )
+        return budget_minutes
+
+    def __call__(self, epoch_idx: int, valid_score: float) -> None:
+        self.history.append((int(epoch_idx), float(valid_score)))
+        if self.budget_minutes is not None and self.elapsed() > 60 * self.budget_minutes:
+            self.budget_reached = True
+            raise TimeBudgetReached
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def stop(self) -> None:
+        self.train_seconds = round(self.elapsed(), 1)
+
+    def summary(self, trainer, config) -> dict:
+        """How training ended: epochs validated, the best epoch, what stopped it, and seconds spent."""
+        if self.budget_reached:
+            stopped_by = "time_budget"
+        elif self.history and trainer.cur_step > trainer.stopping_step:
+            stopped_by = "early_stopping"
+        else:
+            stopped_by = "epochs"
+        bigger = config["valid_metric_bigger"]
+        best = max(self.history, key=lambda h: h[1] if bigger else -h[1]) if self.history else None
+        return {
+            "epochs": self.history[-1][0] + 1 if self.history else None,
+            "best_epoch": best[0] if best else None,
+            "stopped_by": stopped_by,
+            "train_seconds": self.train_seconds,
+            "valid_history": [score for _, score in self.history],
+        }
 
 
 def _full_ranking(test_data, logger) -> bool:

@@ -1,0 +1,215 @@
+"""Accuracy on real data: each variant's grid through ``run_recbole_fmrl``, selection on valid NDCG@10.
+
+    python -m benchmarks.accuracy [--dataset=amazon-beauty] [--data_path=../shared/datasets]
+        [--variants=SASRec,fMRLRec,fMRLRec-id,LRURec-id] [--points=4] [--budget=60] [--epochs=200]
+        [--stopping_step=5] [--threads=2] [--out=DIR]
+
+Every variant gets the same tuning budget: the first ``--points`` points of its grid (lr x dropout x batch
+size, the defaults first), each trained with early stopping on valid NDCG@10 (patience ``--stopping_step``)
+and a wall-clock cap of ``--budget`` minutes (RecBole's ``time_budget``). Each point runs in its own process,
+through the same entry, split and evaluation as a user's run. Writes ``<out>/<variant>-<k>.json`` per point
+(config, epochs, what stopped it, wall time, valid history, test metrics, test metrics of every nesting size)
+and ``<out>/summary.json`` + ``summary.md`` (the best-on-valid point of each variant, beside the paper's).
+``--out`` defaults to the git-ignored ``benchmarks/runs/accuracy-<UTC time>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "benchmarks" / "runs"
+CPU_PROFILE = str(ROOT / "properties" / "profiles" / "fMRLRec-cpu.yaml")
+
+# fMRLRec paper, Table 2 (full ranking, leave-one-out, max length 50; BGE-large text + SigLIP image, d=1024).
+PAPER = {
+    "amazon-beauty": {
+        "SASRec": (0.0364, 0.0734),
+        "LRURec-id": (0.0438, 0.0871),
+        "fMRLRec": (0.0520, 0.0939),
+    },
+    "amazon-toys": {"LRURec-id": (0.0463, 0.0901), "fMRLRec": (0.0552, 0.0956)},
+    "amazon-sports": {"LRURec-id": (0.0266, 0.0536), "fMRLRec": (0.0284, 0.0516)},
+}
+
+
+def _grid(lrs, dropouts, batches, dropout_keys) -> list[dict]:
+    """lr x dropout x batch size, the model's defaults (first of each list) first."""
+    points = []
+    for lr, dropout, batch in itertools.product(lrs, dropouts, batches):
+        point = {"learning_rate": lr, "train_batch_size": batch}
+        point.update({key: dropout for key in dropout_keys})
+        points.append(point)
+    return points
+
+
+_FMRL_GRID = _grid([1e-3, 3e-3], [0.6, 0.3], [256, 64], ("dropout_prob", "attn_dropout_prob"))
+VARIANTS = {
+    # RecBole's SASRec with its own defaults (CE over all items, hidden 64, 2 layers).
+    "SASRec": (
+        "SASRec",
+        {},
+        _grid([1e-3, 3e-3], [0.5, 0.2], [2048, 256], ("hidden_dropout_prob", "attn_dropout_prob")),
+    ),
+    # fMRLRec on the dataset's modalities (text only on the shipped Amazon sets), CPU profile without a GPU.
+    "fMRLRec": ("fMRLRec", {}, _FMRL_GRID),
+    "fMRLRec-id": ("fMRLRec", {"use_id_embedding": True}, _FMRL_GRID),
+    # ID-only fMRLRec: the nested LRU on learned item embeddings, our stand-in for LRURec.
+    "LRURec-id": ("fMRLRec", {"modalities": [], "use_id_embedding": True}, _FMRL_GRID),
+}
+
+
+def _plain(value):
+    """JSON-ready copy: numpy scalars and OrderedDicts become floats and dicts."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def run_point(spec: dict) -> dict:
+    """Train and test one grid point in this process (the ``--child`` side)."""
+    import torch
+
+    import recbole_fmrl  # noqa: F401  (compat fixes)
+    from recbole_fmrl.quick_start import run_recbole_fmrl
+
+    torch.set_num_threads(spec["threads"])
+    files = [CPU_PROFILE] if spec["model"] == "fMRLRec" else None
+    start = time.perf_counter()
+    result = run_recbole_fmrl(
+        model=spec["model"],
+        dataset=spec["dataset"],
+        config_file_list=files,
+        config_dict=spec["config"],
+        saved=True,
+        cli_args=[],
+    )
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    return _plain(result)
+
+
+def _spec(args, variant: str, k: int, point: dict, out: Path) -> dict:
+    model, fixed, _ = VARIANTS[variant]
+    config = {
+        "data_path": args.data_path,
+        "epochs": args.epochs,
+        "stopping_step": args.stopping_step,
+        "time_budget": args.budget,
+        "valid_metric": "NDCG@10",
+        "checkpoint_dir": str(out / "saved"),
+        "log_wandb": False,
+        **fixed,
+        **point,
+    }
+    return {
+        "variant": variant,
+        "point": k,
+        "model": model,
+        "dataset": args.dataset,
+        "config": config,
+        "threads": args.threads,
+    }
+
+
+def summarise(results: list[dict], dataset: str) -> tuple[dict, str]:
+    """The best-on-valid point of each variant, and a markdown table beside the paper's numbers."""
+    best: dict[str, dict] = {}
+    for r in results:
+        v = r["variant"]
+        if v not in best or r["best_valid_score"] > best[v]["best_valid_score"]:
+            best[v] = r
+    paper = PAPER.get(dataset, {})
+    lines = [
+        f"Test metrics on {dataset} of the point with the best valid NDCG@10 (points tried per variant: "
+        f"{max((sum(r['variant'] == v for r in results) for v in best), default=0)}).",
+        "",
+        "| variant | test N@10 | test R@10 | paper N@10 / R@10 | epochs (best) | stopped by | train min |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v, r in best.items():
+        test = r["test_result"]
+        anchor = paper.get(v)
+        anchor_text = f"{anchor[0]:.4f} / {anchor[1]:.4f}" if anchor else "n/a"
+        lines.append(
+            f"| {v} | {test['ndcg@10']:.4f} | {test['recall@10']:.4f} | {anchor_text} | "
+            f"{r['epochs']} ({r['best_epoch']}) | {r['stopped_by']} | {r['train_seconds'] / 60:.1f} |"
+        )
+    sized = [(v, r) for v, r in best.items() if r.get("test_result_by_size")]
+    for v, r in sized:
+        by_size = r["test_result_by_size"]
+        lines += ["", f"{v}, every nesting size (test):", "", "| size | N@10 | R@10 |", "|---|---|---|"]
+        for size, metrics in by_size.items():
+            lines.append(f"| {size} | {metrics['ndcg@10']:.4f} | {metrics['recall@10']:.4f} |")
+    summary = {
+        "dataset": dataset,
+        "best": {v: {k: r[k] for k in ("point", "config", "test_result", "epochs")} for v, r in best.items()},
+        "paper": paper,
+    }
+    return summary, "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="amazon-beauty")
+    parser.add_argument("--data_path", default=str(ROOT.parent / "shared" / "datasets"))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--points", type=int, default=4, help="grid points per variant (same for all)")
+    parser.add_argument("--budget", type=float, default=60.0, help="minutes of training per point")
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--stopping_step", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(run_point(json.loads(args.child))))
+        return 0
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}: choose from {list(VARIANTS)}")
+    out = Path(args.out) if args.out else RUNS / time.strftime("accuracy-%Y%m%d-%H%M%S", time.gmtime())
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for variant in args.variants.split(","):
+        for k, point in enumerate(VARIANTS[variant][2][: args.points]):
+            target = out / f"{variant}-{k}.json"
+            if target.is_file():  # a rerun resumes: finished points are kept, not retrained
+                results.append(json.loads(target.read_text()))
+                continue
+            spec = _spec(args, variant, k, point, out)
+            cmd = [sys.executable, "-m", "benchmarks.accuracy", "--child", json.dumps(spec)]
+            print(f"{variant} point {k}: {point}", flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode != 0:
+                print(f"{variant} point {k} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                return 1
+            result = {**spec, **json.loads(proc.stdout.strip().splitlines()[-1])}
+            target.write_text(json.dumps(result, indent=2) + "\n")
+            results.append(result)
+            test = result["test_result"]
+            print(
+                f"  valid N@10 {result['best_valid_score']:.4f}  test N@10 {test['ndcg@10']:.4f} "
+                f"R@10 {test['recall@10']:.4f}  epochs {result['epochs']} ({result['stopped_by']}, "
+                f"{result['train_seconds'] / 60:.1f} min)",
+                flush=True,
+            )
+    summary, table = summarise(results, args.dataset)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(table)
+    print(table + f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
