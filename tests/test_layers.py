@@ -81,16 +81,36 @@ def test_parallel_scan_equals_sequential(length, dim, seed):
     torch.testing.assert_close(parallel_scan(lam, b), sequential_scan(lam, b), rtol=1e-4, atol=1e-5)
 
 
-def test_lru_ignores_right_padding_content():
+def test_encoder_ignores_right_padding_content():
     torch.manual_seed(0)
-    layer = LRULayer([4, 8], dropout=0.0).eval()
+    encoder = LRUEncoder([4, 8], 2, dropout=0.0, attn_dropout=0.0, r_min=0.0, r_max=0.5).eval()
     x = torch.randn(2, 9, 8)
     mask = torch.tensor([[True] * 5 + [False] * 4, [True] * 9])
     noisy = x.clone()
     noisy[0, 5:] = torch.randn(4, 8) * 100
-    out, out_noisy = layer(x, mask), layer(noisy, mask)
-    torch.testing.assert_close(out[0, :5], out_noisy[0, :5])
-    torch.testing.assert_close(out[1], out_noisy[1])
+    out, out_noisy = encoder(x, mask), encoder(noisy, mask)
+    torch.testing.assert_close(out, out_noisy)
+    assert not out[0, 5:].any()  # padded positions are never encoded
+
+
+def test_packed_encoding_equals_padded_per_sequence_encoding():
+    """Packing B sequences of different lengths gives each one's own unpadded encoding."""
+    torch.manual_seed(1)
+    encoder = LRUEncoder([4, 8], 2, dropout=0.0, attn_dropout=0.0, r_min=0.0, r_max=0.9).eval()
+    lengths = [3, 7, 1]
+    x = torch.randn(3, 7, 8)
+    mask = torch.arange(7) < torch.tensor(lengths).unsqueeze(1)
+    out = encoder(x, mask)
+    for row, n in enumerate(lengths):
+        alone = encoder(x[row : row + 1, :n], torch.ones(1, n, dtype=torch.bool))
+        torch.testing.assert_close(out[row, :n], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_last_position_on_padding_is_a_clear_error():
+    encoder = LRUEncoder([4, 8], 1, dropout=0.0, attn_dropout=0.0, r_min=0.0, r_max=0.5).eval()
+    mask = torch.tensor([[True, True, False]])
+    with pytest.raises(ValueError, match="last position .* is padding"):
+        encoder(torch.randn(1, 3, 8), mask, torch.tensor([2]))
 
 
 @FAST
@@ -103,7 +123,8 @@ def test_lru_layer_prefix_depends_only_on_input_prefix(sizes, seed):
     for m in sizes:
         changed = x.clone()
         changed[..., m:] = torch.randn_like(changed[..., m:])
-        torch.testing.assert_close(layer(x, mask)[..., :m], layer(changed, mask)[..., :m])
+        packed, packed_changed = x.flatten(0, 1), changed.flatten(0, 1)
+        torch.testing.assert_close(layer(packed, mask)[..., :m], layer(packed_changed, mask)[..., :m])
 
 
 @FAST

@@ -81,11 +81,16 @@ class LRULayer(nn.Module):
         return torch.polar(torch.exp(-torch.exp(self.nu_log)), torch.exp(self.theta_log))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
-        """Outputs ``[B, L, D]``; with ``last`` (one position per row), only those, ``[B, D]``."""
+        """``x``: the valid positions of ``mask`` ``[B, L]``, packed row-major, ``[V, D]``. Outputs at the same
+        packed positions, ``[V, D]``; with ``last`` (one position per row), only those, ``[B, D]``.
+
+        Position-wise maps run on the V valid rows only; padded steps enter the recurrence as zeros.
+        """
         gamma = torch.exp(self.gamma_log)
-        keep = mask.unsqueeze(-1).to(x.dtype)  # padded steps feed nothing into the state
-        b = torch.complex(self.in_re(x) * gamma * keep, self.in_im(x) * gamma * keep)
-        h = parallel_scan(self.lam(), b) if last is None else self._state_at(b, last)
+        b = x.new_zeros(*mask.shape, 2 * x.size(-1))
+        b[mask] = torch.cat([self.in_re(x) * gamma, self.in_im(x) * gamma], dim=-1)
+        b = torch.complex(*b.chunk(2, dim=-1))
+        h = parallel_scan(self.lam(), b)[mask] if last is None else self._state_at(b, last)
         return self.dropout(self.out_re(h.real) - self.out_im(h.imag))
 
     def _state_at(self, b: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -116,10 +121,12 @@ class LRUBlock(nn.Module):
         self.norm_ffn = MatryoshkaLayerNorm(sizes)
         self.ffn = MatryoshkaFeedForward(sizes, dropout=dropout, bias=bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, L, D]``; with ``last``, only the rows at those positions, ``[B, D]`` (position-wise maps
-        and the FFN then run on B rows instead of B*L)."""
-        residual = x if last is None else x[torch.arange(x.size(0), device=x.device), last]
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, last: torch.Tensor | None = None, last_rows=None
+    ) -> torch.Tensor:
+        """Packed valid positions ``[V, D]`` in and out (see ``LRULayer``); with ``last``, only those positions
+        ``[B, D]``, whose packed rows are ``last_rows`` (the FFN then runs on B rows)."""
+        residual = x if last is None else x[last_rows]
         x = residual + self.lru(self.norm_in(x), mask, last)
         return x + self.ffn(self.norm_ffn(x))
 
@@ -132,8 +139,38 @@ class LRUEncoder(nn.Module):
         self.blocks = nn.ModuleList(LRUBlock(sizes, **block_args) for _ in range(n_layers))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states ``[B, L, D]``; with ``last``, only the final block's output at those positions."""
+        """Hidden states ``[B, L, D]`` of ``x`` ``[B, L, D]`` (zero at padded positions); with ``last``, only
+        the final block's output at those positions, ``[B, D]``."""
+        out = self.forward_packed(x[mask], mask, last)
+        if last is not None:
+            return out
+        full = out.new_zeros(*mask.shape, out.size(-1))
+        full[mask] = out
+        return full
+
+    def forward_packed(
+        self, x: torch.Tensor, mask: torch.Tensor, last: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x``: the valid positions of ``mask`` ``[B, L]``, packed row-major, ``[V, D]``. Returns the same
+        packed positions ``[V, D]``, or with ``last``, the final block's output at those positions ``[B, D]``.
+
+        Padded positions never reach a position-wise map (layer norms, projections, FFN): they cost nothing
+        and, as the recurrence is causal and they enter it as zeros, change nothing.
+        """
+        last_rows = None if last is None else packed_rows(mask, last)
         *body, final = self.blocks
         for block in body:
             x = block(x, mask)
-        return final(x, mask, last)
+        return final(x, mask, last, last_rows)
+
+
+def packed_rows(mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Row of position ``(b, positions[b])`` in the row-major packing ``x[mask]``; each must be valid."""
+    rows = mask.flatten().cumsum(0).view(mask.shape) - 1
+    picked = torch.arange(mask.size(0), device=mask.device)
+    if not bool(mask[picked, positions].all()):
+        raise ValueError(
+            "a sequence's last position (item_seq_len - 1) is padding: item_seq must hold item_seq_len "
+            "items (ids >= 1) from the left, as RecBole's sequential loaders produce"
+        )
+    return rows[picked, positions]

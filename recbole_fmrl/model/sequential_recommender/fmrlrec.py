@@ -13,13 +13,13 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
-from torch.nn import functional as F
 
 from recbole_fmrl.data.features import MODALITIES, as_list, load_item_features
 from recbole_fmrl.errors import CheckpointError, ConfigError
 from recbole_fmrl.model.abstract_recommender import MatryoshkaRecommender, require_int, slice_embedding
 from recbole_fmrl.model.layers.lru import LRUEncoder
-from recbole_fmrl.model.layers.matryoshka import iter_nested_scores, iter_size_scores
+from recbole_fmrl.model.layers.matryoshka import iter_size_scores
+from recbole_fmrl.model.layers.nested_loss import nested_cross_entropy
 from recbole_fmrl.trainer import SCHEDULES
 
 TRAIN_MODES = ("prefix", "all_positions")
@@ -148,6 +148,8 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
                 raise ConfigError(f"{key}={value!r} must be a number in [0, 1).")
         require_int(config, "n_layers", 1, "LRU blocks")
         require_int(config, "warmup_steps", 0, "optimizer steps of linear warm-up")
+        if config["loss_chunk_size"] is not None:
+            require_int(config, "loss_chunk_size", 1, "rows per chunk of the fused loss; ~ = auto")
         if config["lr_scheduler"] not in SCHEDULES:
             raise ConfigError(
                 f"lr_scheduler={config['lr_scheduler']!r} is not valid: use one of {SCHEDULES}."
@@ -157,6 +159,7 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
         super().__init__(config, dataset)
         self.init_nesting(config)
         self.train_mode = config["train_mode"]
+        self.loss_chunk_size = config["loss_chunk_size"]
 
         modalities = as_list(config["modalities"])
         features = load_item_features(config, dataset, modalities) if modalities else {}
@@ -181,10 +184,14 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
     def encode(
         self, item_seq: torch.Tensor, items: torch.Tensor, last: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Hidden states ``[B, L, D]`` of the (right-padded) sequences, given all item embeddings; with
-        ``last``, only the state at that position of each row, ``[B, D]``."""
-        x = self.emb_dropout(items[item_seq])
-        return self.encoder(x, item_seq > 0, last)
+        """Hidden states at the items of the (right-padded) sequences, packed row-major as
+        ``item_seq[item_seq > 0]``, ``[V, D]``; with ``last``, only the state at that position of each row,
+        ``[B, D]``. Columns past the longest sequence are trimmed and padded positions are never encoded."""
+        mask = item_seq > 0
+        width = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else 1
+        mask = mask[:, :width]
+        x = self.emb_dropout(items[item_seq[:, :width][mask]])
+        return self.encoder.forward_packed(x, mask, last)
 
     def forward(
         self, item_seq: torch.Tensor, item_seq_len: torch.Tensor
@@ -194,11 +201,10 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
         return self.encode(item_seq, items, item_seq_len - 1), items
 
     def _nested_ce(self, query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Weighted mean over sizes of the full cross-entropy over all items."""
-        losses = [
-            F.cross_entropy(logits, targets) for logits in iter_nested_scores(query, items, self.mrl_sizes)
-        ]
-        return (torch.stack(losses) * self.size_weights).sum()
+        """Weighted mean over sizes of the full cross-entropy over all items (fused, chunked over rows)."""
+        return nested_cross_entropy(
+            query, items, targets, self.mrl_sizes, self.size_weights, self.loss_chunk_size
+        )
 
     def calculate_loss(self, interaction) -> torch.Tensor:
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
@@ -207,12 +213,11 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
             query, items = self.forward(item_seq, item_seq_len)
             return self._nested_ce(query, items, pos_items)
         items = self.item_tower()
-        hidden = self.encode(item_seq, items)
+        hidden = self.encode(item_seq, items)  # [V, D] at the items of item_seq, packed
         # all_positions: next-item loss at every valid position of the window, one encoder pass.
         targets = torch.cat([item_seq[:, 1:], torch.zeros_like(item_seq[:, :1])], dim=1)
         targets = targets.scatter(1, (item_seq_len - 1).unsqueeze(1), pos_items.unsqueeze(1))
-        valid = torch.arange(item_seq.size(1), device=item_seq.device) < item_seq_len.unsqueeze(1)
-        return self._nested_ce(hidden[valid], items, targets[valid])
+        return self._nested_ce(hidden, items, targets[item_seq > 0])
 
     def iter_full_sort_predict_sizes(self, interaction):
         query, items = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])

@@ -1,0 +1,153 @@
+"""Cross-entropy over all items at every nesting size at once, fused and chunked over rows.
+
+The reference (``nested_cross_entropy_reference``) materialises one ``[rows, items]`` logit matrix per size
+and lets autograd keep them all, with a full-size zero gradient for each size's slice of the item matrix.
+``nested_cross_entropy`` computes the same loss and gradients one chunk of rows at a time: the scores of
+size k are size k-1's plus one block's partial product, and the gradient of block j is
+``H_j = sum_{k >= j} w_k (softmax_k - onehot)`` times that block of the other operand, so every logit GEMM
+is done once (forward, d-query and d-items: three full-size GEMMs in all) and no K-fold logit tensor lives
+past its chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
+
+from recbole_fmrl.model.layers.matryoshka import MatryoshkaSizeError, iter_nested_scores
+
+CHUNK_BYTES = 128 * 2**20  # scratch of the fused loss: (K + 1) score/probability buffers of [chunk, items]
+MIN_CHUNK, MAX_CHUNK = 16, 1024
+
+
+def auto_chunk_size(n_items: int, n_sizes: int, budget_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk such that the loss's scratch, (K + 1) x rows x items floats, fits ``budget_bytes``."""
+    rows = budget_bytes // ((n_sizes + 1) * max(1, n_items) * 4)
+    return int(min(MAX_CHUNK, max(MIN_CHUNK, rows)))
+
+
+def nested_cross_entropy_reference(
+    query: torch.Tensor,
+    items: torch.Tensor,
+    targets: torch.Tensor,
+    sizes: Sequence[int],
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """sum_k w_k * mean-CE of ``query[:, :m_k] @ items[:, :m_k].T``; autograd through K logit matrices."""
+    losses = [F.cross_entropy(logits, targets) for logits in iter_nested_scores(query, items, sizes)]
+    return (torch.stack(losses) * weights.to(query)).sum()
+
+
+def nested_cross_entropy(
+    query: torch.Tensor,
+    items: torch.Tensor,
+    targets: torch.Tensor,
+    sizes: Sequence[int],
+    weights: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """The reference's loss and gradients (to float rounding), with scratch memory of one row chunk.
+
+    ``query`` ``[P, D]``, ``items`` ``[N, D]``, ``targets`` ``[P]`` (item indices), ``sizes`` the nesting
+    (last = D), ``weights`` one per size. ``chunk_size`` rows per chunk (None: ``auto_chunk_size``, about
+    128 MiB of scratch whatever the number of sizes or rows).
+    """
+    if query.dim() != 2 or items.dim() != 2 or query.size(1) != items.size(1):
+        raise ValueError(
+            f"query {tuple(query.shape)} and items {tuple(items.shape)} must be [P, D] and [N, D]"
+        )
+    if sizes[-1] != query.size(1) or len(weights) != len(sizes):
+        raise MatryoshkaSizeError(
+            f"sizes {list(sizes)} must end at the width {query.size(1)} and have one weight each "
+            f"({len(weights)} given)"
+        )
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(items.size(0), len(sizes))
+    if int(chunk_size) < 1:
+        raise MatryoshkaSizeError(
+            f"loss_chunk_size={chunk_size!r} must be a positive number of rows, or ~ (auto)."
+        )
+    scales = [float(w) / max(1, query.size(0)) for w in weights]
+    if query.size(0) == 0:  # as F.cross_entropy's mean over no rows
+        return query.new_tensor(float("nan")) + 0 * (query.sum() + items.sum())
+    return _NestedCrossEntropy.apply(query, items, targets, tuple(sizes), tuple(scales), int(chunk_size))
+
+
+TINY = 1e-30  # below this a float32 probability has lost precision (denormals start at 1.2e-38)
+
+
+def _target_nll(scores: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor):
+    """Sum over rows of -log softmax(scores)[target], from the softmax already computed; rows whose target
+    probability is too small to take the log of are recomputed exactly with ``logsumexp``."""
+    p_t = probs[rows, targets]
+    nll = -torch.log(p_t.clamp_min(TINY))
+    small = p_t < TINY
+    if small.any():
+        picked = rows[small]
+        nll[small] = torch.logsumexp(scores[picked], dim=1) - scores[picked, targets[small]]
+    return nll.sum()
+
+
+class _NestedCrossEntropy(torch.autograd.Function):
+    """Gradients are computed in the forward pass (the loss is a scalar) and scaled in ``backward``."""
+
+    @staticmethod
+    def forward(ctx, query, items, targets, sizes, scales, chunk):
+        want_q, want_e = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want = want_q or want_e
+        n_rows, n_items = query.size(0), items.size(0)
+        chunk = min(chunk, n_rows)
+        starts = [0, *sizes[:-1]]
+        blocks = list(zip(starts, sizes, strict=True))
+        grad_q = torch.zeros_like(query) if want_q else None
+        grad_e = torch.zeros_like(items) if want_e else None
+        scores = query.new_empty(chunk, n_items)
+        probs = query.new_empty(len(sizes), chunk, n_items)  # softmax of each size, kept for the gradients
+        total = query.new_zeros(())
+        items_t = items.T.contiguous()  # row slices of E^T: each block's forward GEMM reads contiguous rows
+        for r0 in range(0, n_rows, chunk):
+            r1 = min(n_rows, r0 + chunk)
+            q, t, s = query[r0:r1], targets[r0:r1], scores[: r1 - r0]
+            rows = torch.arange(r1 - r0, device=query.device)
+            for k, (a, b) in enumerate(blocks):
+                if k == 0:
+                    torch.mm(q[:, a:b], items_t[a:b], out=s)
+                else:
+                    s.addmm_(q[:, a:b], items_t[a:b])
+                if scales[k] == 0:
+                    continue
+                p = probs[k, : r1 - r0]
+                torch._softmax(s, 1, False, out=p)
+                total += scales[k] * _target_nll(s, p, rows, t)
+            if not want:
+                continue
+            h = None  # sum over sizes >= k of scale * (softmax - onehot), built from the largest size down
+            for k in reversed(range(len(blocks))):
+                a, b = blocks[k]
+                if scales[k] != 0:
+                    p = probs[k, : r1 - r0]
+                    if h is None:
+                        h = p.mul_(scales[k])
+                    else:
+                        h.add_(p, alpha=scales[k])
+                    h[rows, t] -= scales[k]
+                if h is None:
+                    continue
+                if want_q:
+                    grad_q[r0:r1, a:b].addmm_(h, items[:, a:b], beta=0)
+                if want_e:
+                    grad_e[:, a:b].addmm_(h.T, q[:, a:b])
+        ctx.save_for_backward(*(g for g in (grad_q, grad_e) if g is not None))
+        ctx.has = (want_q, want_e)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        saved = list(ctx.saved_tensors)
+        grad_q = saved.pop(0) * grad_output if ctx.has[0] else None
+        grad_e = saved.pop(0) * grad_output if ctx.has[1] else None
+        return grad_q, grad_e, None, None, None, None
