@@ -3,7 +3,15 @@
 Each benchmark runs in its own process, so its peak RSS is its own. Dataset benchmarks use Amazon Beauty
 from ``--data_path`` (default ``../shared/datasets``) and fall back to the shipped mm-sample when absent.
 
-    python -m benchmarks.run [--only masked_linear,train_modes,eval_sizes] [--data_path=...] [--steps=20] [--out=DIR]
+    python -m benchmarks.run [--only nested_loss,loss_memory,train_modes,eval_sizes,masked_linear]
+        [--data_path=...] [--steps=20] [--out=DIR]
+
+- nested_loss: the paper's D=1024 training step (1 LRU block, 32 x 50 positions, 12,101 items, 1024-d text +
+  1024-d image features, 8 sizes) with the fused loss, with the reference loss (K logit matrices through
+  autograd), and with a linear stand-in loss whose cost is exactly the three logit GEMMs (the GEMM floor of
+  the same step); interleaved, medians.
+- loss_memory: peak RSS of a training step on a 100,000-item synthetic catalogue at D=256, fused vs
+  reference, each in its own process, beside the model + gradients + optimiser state + loss scratch.
 
 ``benchmarks/runs/`` is git-ignored: runs are outputs, not source.
 """
@@ -20,7 +28,7 @@ import time
 from pathlib import Path
 
 RUNS = Path(__file__).resolve().parent / "runs"
-BENCHMARKS = ("masked_linear", "train_modes", "eval_sizes")
+BENCHMARKS = ("nested_loss", "loss_memory", "train_modes", "eval_sizes", "masked_linear")
 
 
 def _peak_rss_mb() -> float:
@@ -82,6 +90,140 @@ def bench_masked_linear(args) -> dict:
     }
 
 
+def _gemm_floor_loss(query, items, targets, sizes, weights, chunk_size=None):
+    """A loss costing exactly the logit GEMMs: forward Q E^T, backward G E and G^T Q (G = ones)."""
+    import torch
+
+    class LinearLogits(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, e):
+            ctx.save_for_backward(q, e)
+            return (q @ e.T).sum()
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, e = ctx.saved_tensors
+            ones = torch.ones(q.size(0), e.size(0), dtype=q.dtype).mul_(grad)
+            return ones @ e, ones.T @ q
+
+    return LinearLogits.apply(query, items)
+
+
+def _paper_step(loss_fn, n_items=12_101, batch=32, length=50, dim=1024, feature_dim=1024, seed=0):
+    """One fMRLRec training step (item tower + LRU encoder + nested CE) on synthetic data, given the loss."""
+    import torch
+
+    from recbole_fmrl.model.layers.lru import LRUEncoder
+    from recbole_fmrl.model.sequential_recommender.fmrlrec import ItemTower
+
+    torch.manual_seed(seed)
+    sizes = [8 * 2**k for k in range(8)] if dim == 1024 else [8, 16, 32, 64, 128, 256]
+    features = {"text": torch.randn(n_items, feature_dim), "image": torch.randn(n_items, feature_dim)}
+    tower = ItemTower(n_items, dim, features, use_id_embedding=False, freeze_features=True)
+    encoder = LRUEncoder(sizes, 1, dropout=0.6, attn_dropout=0.6, r_min=0.0, r_max=0.1)
+    params = [*tower.parameters(), *encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    seq = torch.randint(1, n_items, (batch, length + 1))
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    targets = seq[:, 1:][mask]
+    weights = torch.full((len(sizes),), 1.0 / len(sizes))
+    dropout = torch.nn.Dropout(0.6)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        items = tower()
+        hidden = encoder.forward_packed(dropout(items[seq[:, :-1][mask]]), mask)
+        loss_fn(hidden, items, targets, sizes, weights).backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_nested_loss(args) -> dict:
+    """The D=1024 paper step: fused vs reference loss vs the GEMM floor, interleaved, median seconds."""
+    import statistics
+
+    from recbole_fmrl.model.layers.nested_loss import nested_cross_entropy, nested_cross_entropy_reference
+
+    variants = {
+        "fused": _paper_step(nested_cross_entropy),
+        "reference": _paper_step(nested_cross_entropy_reference),
+        "gemm_floor": _paper_step(_gemm_floor_loss),
+    }
+    times = {name: [] for name in variants}
+    for step in variants.values():
+        step()  # warm-up
+    for _ in range(args.repeats + 2):
+        for name, step in variants.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "setting": "1 LRU block, 32 x 50 positions, 12,101 items, 1024+1024-d features, D=1024, 8 sizes",
+        "step_s": med,
+        "fused_over_gemm_floor": med["fused"] / med["gemm_floor"],
+        "reference_over_fused": med["reference"] / med["fused"],
+        "repeats": args.repeats + 2,
+    }
+
+
+def bench_loss_memory(args) -> dict:
+    """Peak RSS of one D=256 step on 100,000 synthetic items, fused vs reference, one process each."""
+    out = {}
+    for variant in ("fused", "reference"):
+        cmd = [sys.executable, "-m", "benchmarks.run", f"--child=memory_{variant}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        if proc.returncode != 0:
+            out[variant] = {"failed": proc.stderr[-500:]}
+            continue
+        out[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "peak_extra_mb" in out.get("fused", {}):
+        out["fused_peak_over_budget"] = out["fused"]["peak_extra_mb"] / out["fused"]["budget_mb"]
+    return out
+
+
+def _memory_step(variant: str) -> dict:
+    import torch
+
+    from recbole_fmrl.model.layers.lru import LRUEncoder
+    from recbole_fmrl.model.layers.nested_loss import (
+        auto_chunk_size,
+        nested_cross_entropy,
+        nested_cross_entropy_reference,
+    )
+
+    torch.manual_seed(0)
+    n_items, dim, sizes, batch, length = 100_000, 256, [8, 16, 32, 64, 128, 256], 128, 50
+    lengths = torch.randint(1, length + 1, (batch,)).clamp(max=torch.randint(3, 20, (batch,)))
+    mask = torch.arange(length) < lengths.unsqueeze(1)  # Beauty-like: about 9 valid positions per row
+    seq = torch.randint(1, n_items, (batch, length))
+    baseline = _peak_rss_mb()
+    items_param = torch.nn.Parameter(torch.randn(n_items, dim) * 0.02)
+    encoder = LRUEncoder(sizes, 1, dropout=0.6, attn_dropout=0.6, r_min=0.0, r_max=0.1)
+    params = [items_param, *encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    loss_fn = nested_cross_entropy if variant == "fused" else nested_cross_entropy_reference
+    weights = torch.full((len(sizes),), 1.0 / len(sizes))
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        hidden = encoder.forward_packed(items_param[seq[mask]], mask)
+        loss_fn(hidden, items_param, seq[mask], sizes, weights).backward()
+        optimizer.step()
+    param_mb = sum(p.numel() for p in params) * 4 / 2**20
+    chunk_mb = (len(sizes) + 1) * auto_chunk_size(n_items, len(sizes)) * n_items * 4 / 2**20
+    budget = 4 * param_mb + chunk_mb  # parameters + gradients + AdamW's two moments + the loss scratch
+    return {
+        "items": n_items,
+        "D": dim,
+        "positions": int(mask.sum()),
+        "peak_extra_mb": _peak_rss_mb() - baseline,
+        "params_grads_adam_mb": 4 * param_mb,
+        "loss_scratch_mb": chunk_mb if variant == "fused" else None,
+        "budget_mb": budget,
+    }
+
+
 def _beauty_or_sample(args) -> tuple[str, dict]:
     if (Path(args.data_path) / "amazon-beauty" / "amazon-beauty.inter").is_file():
         return "amazon-beauty", {"data_path": args.data_path}
@@ -112,14 +254,24 @@ def _build(dataset: str, extra: dict):
 
 
 def bench_train_modes(args) -> dict:
-    """fMRLRec training time per epoch, RecBole's prefix samples vs all_positions (timed steps x batches)."""
+    """fMRLRec (CPU profile) training time per epoch: all_positions with the fused loss, with the reference
+    loss, and RecBole's prefix samples (timed steps x batches)."""
     import torch
 
     from recbole_fmrl.data.training_windows import last_windows
+    from recbole_fmrl.model.layers.nested_loss import nested_cross_entropy_reference
+    from recbole_fmrl.model.sequential_recommender import fmrlrec
 
     dataset, extra = _beauty_or_sample(args)
     out = {"dataset": dataset}
-    for mode in ("all_positions", "prefix"):
+    fused = fmrlrec.nested_cross_entropy
+    reference = lambda q, e, t, s, w, _chunk: nested_cross_entropy_reference(q, e, t, s, w)  # noqa: E731
+    for name, mode, loss in (
+        ("all_positions", "all_positions", fused),
+        ("all_positions_reference_loss", "all_positions", reference),
+        ("prefix", "prefix", fused),
+    ):
+        fmrlrec.nested_cross_entropy = loss
         config, model, trainer, train, _ = _build(dataset, {**extra, "train_mode": mode})
         loader = last_windows(train) if mode == "all_positions" else train
         optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"])
@@ -135,13 +287,17 @@ def bench_train_modes(args) -> dict:
             if i > 0:  # the first step warms up
                 times.append(time.perf_counter() - start)
         per_step = sum(times) / len(times)
-        out[mode] = {
+        out[name] = {
             "batches_per_epoch": len(loader),
             "samples_per_epoch": len(loader._dataset),
             "step_s": per_step,
             "epoch_s_estimate": per_step * len(loader),
             "timed_steps": len(times),
         }
+    fmrlrec.nested_cross_entropy = fused
+    out["fused_over_reference_epoch_time"] = (
+        out["all_positions"]["epoch_s_estimate"] / out["all_positions_reference_loss"]["epoch_s_estimate"]
+    )
     out["all_positions_over_prefix_epoch_time"] = (
         out["all_positions"]["epoch_s_estimate"] / out["prefix"]["epoch_s_estimate"]
     )
@@ -169,6 +325,8 @@ def bench_eval_sizes(args) -> dict:
 
 
 def run_one(name: str, args) -> dict:
+    if name.startswith("memory_"):
+        return _memory_step(name.removeprefix("memory_"))
     result = globals()[f"bench_{name}"](args)
     result["peak_rss_mb"] = _peak_rss_mb()
     return result

@@ -133,3 +133,13 @@ def test_model_default_loss_equals_the_reference_loss(train_mode, monkeypatch):
     torch.testing.assert_close(fused, ref)
     for a, b in zip(fused_grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_second_backward_is_a_clear_error():
+    q = torch.randn(4, 8, requires_grad=True)
+    loss = nested_cross_entropy(
+        q, torch.randn(6, 8), torch.tensor([0, 1, 2, 3]), [4, 8], torch.tensor([0.5, 0.5])
+    )
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="supports one backward pass"):
+        loss.backward()

@@ -21,6 +21,7 @@ from recbole_fmrl.model.layers.matryoshka import MatryoshkaSizeError, iter_neste
 
 CHUNK_BYTES = 128 * 2**20  # scratch of the fused loss: (K + 1) score/probability buffers of [chunk, items]
 MIN_CHUNK, MAX_CHUNK = 16, 1024
+TRANSPOSE_BYTES = 64 * 2**20  # item matrices up to this size are transposed once for faster forward GEMMs
 
 
 def auto_chunk_size(n_items: int, n_sizes: int, budget_bytes: int = CHUNK_BYTES) -> int:
@@ -107,7 +108,9 @@ class _NestedCrossEntropy(torch.autograd.Function):
         scores = query.new_empty(chunk, n_items)
         probs = query.new_empty(len(sizes), chunk, n_items)  # softmax of each size, kept for the gradients
         total = query.new_zeros(())
-        items_t = items.T.contiguous()  # row slices of E^T: each block's forward GEMM reads contiguous rows
+        # Row slices of a contiguous E^T make the forward GEMMs faster; the copy is skipped for big catalogues.
+        small = items.numel() * items.element_size() <= TRANSPOSE_BYTES
+        items_t = items.T.contiguous() if small else items.T
         for r0 in range(0, n_rows, chunk):
             r1 = min(n_rows, r0 + chunk)
             q, t, s = query[r0:r1], targets[r0:r1], scores[: r1 - r0]
@@ -140,14 +143,17 @@ class _NestedCrossEntropy(torch.autograd.Function):
                     grad_q[r0:r1, a:b].addmm_(h, items[:, a:b], beta=0)
                 if want_e:
                     grad_e[:, a:b].addmm_(h.T, q[:, a:b])
-        ctx.save_for_backward(*(g for g in (grad_q, grad_e) if g is not None))
-        ctx.has = (want_q, want_e)
+        ctx.grads = (grad_q, grad_e)  # plain attributes, so backward can hand them over without a copy
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        saved = list(ctx.saved_tensors)
-        grad_q = saved.pop(0) * grad_output if ctx.has[0] else None
-        grad_e = saved.pop(0) * grad_output if ctx.has[1] else None
-        return grad_q, grad_e, None, None, None, None
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the fused nested cross-entropy was already back-propagated: it supports one backward pass "
+                "per forward (recompute the loss instead of retain_graph=True)"
+            )
+        grads, ctx.grads = ctx.grads, None
+        unit = bool(grad_output == 1)  # loss.backward(): the gradients are final, no copy of [N, D]
+        return (*(g if g is None or unit else g * grad_output for g in grads), None, None, None, None)
