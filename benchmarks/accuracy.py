@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,39 +64,6 @@ VARIANTS = {
 }
 
 
-def _plain(value):
-    """JSON-ready copy: numpy scalars and OrderedDicts become floats and dicts."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item"):
-        return value.item()
-    return value
-
-
-def run_point(spec: dict) -> dict:
-    """Train and test one grid point in this process (the ``--child`` side)."""
-    import torch
-
-    import recbole_fmrl  # noqa: F401  (compat fixes)
-    from recbole_fmrl.quick_start import run_recbole_fmrl
-
-    torch.set_num_threads(spec["threads"])
-    files = [CPU_PROFILE] if spec["model"] == "fMRLRec" else None
-    start = time.perf_counter()
-    result = run_recbole_fmrl(
-        model=spec["model"],
-        dataset=spec["dataset"],
-        config_file_list=files,
-        config_dict=spec["config"],
-        saved=True,
-        cli_args=[],
-    )
-    result["wall_seconds"] = round(time.perf_counter() - start, 1)
-    return _plain(result)
-
-
 def _spec(args, variant: str, k: int, point: dict, out: Path) -> dict:
     model, fixed, _ = VARIANTS[variant]
     config = {
@@ -116,6 +82,7 @@ def _spec(args, variant: str, k: int, point: dict, out: Path) -> dict:
         "point": k,
         "model": model,
         "dataset": args.dataset,
+        "config_files": [CPU_PROFILE] if model == "fMRLRec" else [],
         "config": config,
         "threads": args.threads,
     }
@@ -169,12 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stopping_step", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.child:
-        print(json.dumps(run_point(json.loads(args.child))))
-        return 0
+    from recbole_fmrl.benchmark import run_in_subprocess
+
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}: choose from {list(VARIANTS)}")
@@ -188,13 +153,12 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(json.loads(target.read_text()))
                 continue
             spec = _spec(args, variant, k, point, out)
-            cmd = [sys.executable, "-m", "benchmarks.accuracy", "--child", json.dumps(spec)]
             print(f"{variant} point {k}: {point}", flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if proc.returncode != 0:
-                print(f"{variant} point {k} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            result = run_in_subprocess(spec, cwd=ROOT)
+            if "error" in result:
+                print(f"{variant} point {k} failed:\n{result['stderr']}", file=sys.stderr)
                 return 1
-            result = {**spec, **json.loads(proc.stdout.strip().splitlines()[-1])}
+            result = {**spec, **result}
             target.write_text(json.dumps(result, indent=2) + "\n")
             results.append(result)
             test = result["test_result"]

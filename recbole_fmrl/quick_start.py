@@ -84,10 +84,12 @@ def run_recbole_fmrl(
     result = {
         "model": config["model"],
         "best_valid_score": best_valid_score,
+        "valid_metric": config["valid_metric"],
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "saved_model_file": trainer.saved_model_file if saved else None,
+        "params": sum(p.numel() for p in model.parameters()),
         **clock.summary(trainer, config),
     }
     if by_size:

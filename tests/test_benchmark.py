@@ -1,0 +1,90 @@
+"""The benchmark harness (python -m recbole_fmrl.benchmark) and run_recbole_fmrl's training summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from conftest import FAST
+
+from recbole_fmrl import benchmark
+from recbole_fmrl.errors import ConfigError
+from recbole_fmrl.quick_start import run_recbole_fmrl
+
+SMALL_FMRL = "modalities: []\nuse_id_embedding: True\nhidden_size: 32\nmrl_sizes: [8, 16, 32]\n"
+
+
+def test_harness_tables_plots_resume_and_failed_rows(tmp_path, capsys):
+    config = tmp_path / "small.yaml"
+    config.write_text(SMALL_FMRL)
+    out = tmp_path / "bench"
+    args = [
+        "--dataset=mm-sample",
+        "--epochs=1",
+        f"--config_files={config}",
+        f"--out={out}",
+        "--state=WARNING",
+    ]
+    assert benchmark.main(["--models=fMRLRec,SASRec,Pop", *args]) == 0
+    table = (out / "results.md").read_text()
+    assert "### sequential models" in table and "### general models" in table
+    for model in ("fMRLRec", "SASRec", "Pop", "fMRLRec @ 8", "fMRLRec @ 32"):
+        assert f"| {model} |" in table
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["model"] for r in rows} >= {"fMRLRec", "SASRec", "Pop", "fMRLRec @ 16"}
+    assert all(float(r["test ndcg@10"]) >= 0 for r in rows)
+    for png in ("metric_vs_size.png", "metric_vs_time.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "runs" / "SASRec.json").read_text())
+    assert saved["spec"]["config"]["epochs"] == 1 and saved["epochs"] == 1 and saved["params"] > 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["environment"]["torch"] and len(summary["rows"]) == 3
+
+    # --resume keeps finished models; a model that fails is a row, and the others are kept.
+    capsys.readouterr()
+    assert (
+        benchmark.main(["--models=fMRLRec,SASRec,Pop,MRL4Rec", *args, "--resume", "--embedding_size=33"]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert printed.count("kept from") == 3
+    assert "MRL4Rec: failed: " in printed and "embedding_size" in printed
+    assert "| MRL4Rec | failed: " in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--models=SASRec", "--epochs=0"], "--epochs=0 must be >= 1"),
+        (["--models=SASRec", "--resume"], "--resume needs --out"),
+        (["--models=SASRecc"], "Unknown model 'SASRecc'"),
+        (["--models=,"], "--models is empty"),
+        (["--models=SASRec", "--time_budget_min=-1"], "must be a positive number of minutes"),
+    ],
+)
+def test_harness_bad_inputs_are_one_line(argv, message, capsys, tmp_path):
+    assert benchmark.main([*argv, f"--out={tmp_path}"] if "--resume" not in argv else argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_time_budget_stops_after_the_epoch_and_tests_the_best_model(in_tmp):
+    config = {
+        **FAST,
+        "modalities": [],
+        "use_id_embedding": True,
+        "hidden_size": 16,
+        "mrl_sizes": [8, 16],
+        "epochs": 5,
+        "time_budget": 1e-6,
+        "checkpoint_dir": str(in_tmp),
+    }
+    result = run_recbole_fmrl("fMRLRec", "mm-sample", config_dict=config, cli_args=[])
+    assert result["stopped_by"] == "time_budget" and result["epochs"] == 1 and result["best_epoch"] == 0
+    assert len(result["valid_history"]) == 1 and result["test_result"]["ndcg@10"] >= 0
+    assert result["params"] > 0 and result["train_seconds"] > 0
+
+
+def test_bad_time_budget_is_a_config_error(in_tmp):
+    with pytest.raises(ConfigError, match="time_budget='soon' must be a positive number of minutes"):
+        run_recbole_fmrl("Pop", "mm-sample", config_dict={**FAST, "time_budget": "soon"}, cli_args=[])
