@@ -232,6 +232,21 @@ def _quiet_upstream_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
+def _patch_recbole_exhaustive_search() -> None:
+    """hyperopt >= 0.2.7 samples with numpy Generators (``rng.integers``), but RecBole's grid search seeds a
+    legacy ``RandomState``, so every ``algo='exhaustive'`` search fails. Its module gets a numpy whose
+    ``random.RandomState`` makes a Generator; nothing else changes."""
+    from recbole.trainer import hyper_tuning
+
+    if getattr(hyper_tuning.np, "_recbole_fmrl_proxy", False):
+        return
+    proxy = types.ModuleType("numpy")
+    proxy.__dict__.update(np.__dict__)
+    proxy.random = types.SimpleNamespace(**{**vars(np.random), "RandomState": np.random.default_rng})
+    proxy._recbole_fmrl_proxy = True
+    hyper_tuning.np = proxy
+
+
 _applied = False
 
 
@@ -247,4 +262,5 @@ def apply() -> None:
     _patch_recbole_checkpoints()
     _guard_recbole_data_pickles()
     _patch_recbole_collector()
+    _patch_recbole_exhaustive_search()
     _applied = True

@@ -192,13 +192,39 @@ def tune_hyperopt(args, params: dict, fixed: dict, files: list[str], bigger: boo
     return trials
 
 
+def worker_setup() -> None:
+    """Ray's worker setup hook: the compat fixes, before the worker imports ray.tune."""
+    from recbole_fmrl import compat
+
+    compat.apply()
+
+
 def _ray_trainable(config: dict, model: str, dataset: str, files: list[str], fixed: dict) -> None:
     """A Ray trial: imports the plugin in the worker (compat fixes applied there) and reports via session."""
     from ray.air import session
 
-    result = run_trial(model, dataset, files, {**fixed, **config})
+    # Concurrent trials must not share a checkpoint name (RecBole's is <model>-<time to the second>.pth).
+    folder = Path(fixed.get("checkpoint_dir") or "saved") / session.get_trial_id()
+    result = run_trial(model, dataset, files, {**fixed, "checkpoint_dir": str(folder), **config})
     record = _trial_record(config, result)
     session.report({"valid_score": float(result["best_valid_score"]), "record": json.dumps(record)})
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """A dead ``host:port`` fails in seconds with one line, instead of Ray's minutes of retries."""
+    import socket
+
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConfigError(
+            f"cannot reach the Ray cluster at --ray_address={address}: {err}. Start it "
+            "(`ray start --head`) or leave --ray_address out for a local one."
+        ) from None
 
 
 def tune_ray(args, params: dict, fixed: dict, files: list[str], bigger: bool = True) -> list[dict]:
@@ -207,11 +233,16 @@ def tune_ray(args, params: dict, fixed: dict, files: list[str], bigger: bool = T
 
     from recbole_fmrl import tuning  # by its import name, so workers import it instead of unpickling __main__
 
+    # Workers import ray.tune (numpy-2-broken in ray 2.6) before any trial code: the hook applies the compat
+    # fixes first in every worker process.
+    runtime_env = {"worker_process_setup_hook": tuning.worker_setup}
+    if args.ray_address:
+        check_ray_address(args.ray_address)
     try:
         if args.ray_address:
-            ray.init(address=args.ray_address, ignore_reinit_error=True, log_to_driver=False)
+            ray.init(address=args.ray_address, runtime_env=runtime_env, log_to_driver=False)
         else:
-            ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+            ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ConfigError(
             f"cannot reach the Ray cluster at --ray_address={args.ray_address}: {err}. Start it "

@@ -26,26 +26,24 @@ def test_harness_tables_plots_resume_and_failed_rows(tmp_path, capsys):
         f"--out={out}",
         "--state=WARNING",
     ]
-    assert benchmark.main(["--models=fMRLRec,SASRec,Pop", *args]) == 0
+    assert benchmark.main(["--models=fMRLRec,BPR,Pop", *args]) == 0
     table = (out / "results.md").read_text()
     assert "### sequential models" in table and "### general models" in table
-    for model in ("fMRLRec", "SASRec", "Pop", "fMRLRec @ 8", "fMRLRec @ 32"):
+    for model in ("fMRLRec", "BPR", "Pop", "fMRLRec @ 8", "fMRLRec @ 32"):
         assert f"| {model} |" in table
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert {r["model"] for r in rows} >= {"fMRLRec", "SASRec", "Pop", "fMRLRec @ 16"}
+    assert {r["model"] for r in rows} >= {"fMRLRec", "BPR", "Pop", "fMRLRec @ 16"}
     assert all(float(r["test ndcg@10"]) >= 0 for r in rows)
     for png in ("metric_vs_size.png", "metric_vs_time.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    saved = json.loads((out / "runs" / "SASRec.json").read_text())
+    saved = json.loads((out / "runs" / "BPR.json").read_text())
     assert saved["spec"]["config"]["epochs"] == 1 and saved["epochs"] == 1 and saved["params"] > 0
     summary = json.loads((out / "results.json").read_text())
     assert summary["environment"]["torch"] and len(summary["rows"]) == 3
 
     # --resume keeps finished models; a model that fails is a row, and the others are kept.
     capsys.readouterr()
-    assert (
-        benchmark.main(["--models=fMRLRec,SASRec,Pop,MRL4Rec", *args, "--resume", "--embedding_size=33"]) == 0
-    )
+    assert benchmark.main(["--models=fMRLRec,BPR,Pop,MRL4Rec", *args, "--resume", "--embedding_size=33"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("kept from") == 3
     assert "MRL4Rec: failed: " in printed and "embedding_size" in printed
