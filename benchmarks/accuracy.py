@@ -2,11 +2,12 @@
 
     python -m benchmarks.accuracy [--dataset=amazon-beauty] [--data_path=../shared/datasets]
         [--variants=SASRec,fMRLRec,fMRLRec-id,LRURec-id] [--points=4] [--budget=60] [--epochs=200]
-        [--stopping_step=5] [--threads=2] [--out=DIR]
+        [--stopping_step=5] [--threads=2] [--jobs=1] [--out=DIR]
 
 Every variant gets the same tuning budget: the first ``--points`` points of its grid (lr x dropout x batch
 size, the defaults first), each trained with early stopping on valid NDCG@10 (patience ``--stopping_step``)
-and a wall-clock cap of ``--budget`` minutes (RecBole's ``time_budget``). Each point runs in its own process,
+and a wall-clock cap of ``--budget`` minutes (RecBole's ``time_budget``); ``--jobs`` points train at once
+(side by side, so they share the machine alike). Each point runs in its own process,
 through the same entry, split and evaluation as a user's run. Writes ``<out>/<variant>-<k>.json`` per point
 (config, epochs, what stopped it, wall time, valid history, test metrics, test metrics of every nesting size)
 and ``<out>/summary.json`` + ``summary.md`` (the best-on-valid point of each variant, beside the paper's).
@@ -20,6 +21,7 @@ import itertools
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +61,8 @@ VARIANTS = {
     # fMRLRec on the dataset's modalities (text only on the shipped Amazon sets), CPU profile without a GPU.
     "fMRLRec": ("fMRLRec", {}, _FMRL_GRID),
     "fMRLRec-id": ("fMRLRec", {"use_id_embedding": True}, _FMRL_GRID),
+    # fMRLRec with the nested Mamba encoder instead of the LRU (same features and grid).
+    "fMRLRec-mamba": ("fMRLRec", {"encoder": "mamba"}, _FMRL_GRID),
     # ID-only fMRLRec: the nested LRU on learned item embeddings, our stand-in for LRURec.
     "LRURec-id": ("fMRLRec", {"modalities": [], "use_id_embedding": True}, _FMRL_GRID),
 }
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--stopping_step", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=1, help="points trained at once")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -145,29 +150,39 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variants {unknown}: choose from {list(VARIANTS)}")
     out = Path(args.out) if args.out else RUNS / time.strftime("accuracy-%Y%m%d-%H%M%S", time.gmtime())
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, todo = [], []
     for variant in args.variants.split(","):
         for k, point in enumerate(VARIANTS[variant][2][: args.points]):
             target = out / f"{variant}-{k}.json"
             if target.is_file():  # a rerun resumes: finished points are kept, not retrained
                 results.append(json.loads(target.read_text()))
-                continue
-            spec = _spec(args, variant, k, point, out)
-            print(f"{variant} point {k}: {point}", flush=True)
-            result = run_in_subprocess(spec, cwd=ROOT)
-            if "error" in result:
-                print(f"{variant} point {k} failed:\n{result['stderr']}", file=sys.stderr)
-                return 1
-            result = {**spec, **result}
-            target.write_text(json.dumps(result, indent=2) + "\n")
-            results.append(result)
-            test = result["test_result"]
-            print(
-                f"  valid N@10 {result['best_valid_score']:.4f}  test N@10 {test['ndcg@10']:.4f} "
-                f"R@10 {test['recall@10']:.4f}  epochs {result['epochs']} ({result['stopped_by']}, "
-                f"{result['train_seconds'] / 60:.1f} min)",
-                flush=True,
-            )
+            else:
+                todo.append((variant, k, point, target))
+
+    def train(job) -> dict:
+        variant, k, point, target = job
+        spec = _spec(args, variant, k, point, out)
+        print(f"{variant} point {k}: {point}", flush=True)
+        result = run_in_subprocess(spec, cwd=ROOT)
+        if "error" in result:
+            print(f"{variant} point {k} failed:\n{result['stderr']}", file=sys.stderr)
+            return {}
+        result = {**spec, **result}
+        target.write_text(json.dumps(result, indent=2) + "\n")
+        test = result["test_result"]
+        print(
+            f"{variant} point {k}: valid N@10 {result['best_valid_score']:.4f}  test N@10 {test['ndcg@10']:.4f} "
+            f"R@10 {test['recall@10']:.4f}  epochs {result['epochs']} ({result['stopped_by']}, "
+            f"{result['train_seconds'] / 60:.1f} min)",
+            flush=True,
+        )
+        return result
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        finished = list(pool.map(train, todo))
+    if not all(finished):
+        return 1
+    results += finished
     summary, table = summarise(results, args.dataset)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(table)

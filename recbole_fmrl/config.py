@@ -114,10 +114,12 @@ class Config(RecBoleConfig):
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         props = properties_dir()
-        files = [props / "overall.yaml", props / "model" / f"{model}.yaml"]
-        cpu_profile = props / "profiles" / f"{model}-cpu.yaml"
-        if cpu_profile.is_file() and self._wants_cpu_profile():
-            files.append(cpu_profile)
+        # A plugin model inherits the yaml defaults (and CPU profile) of the plugin models it extends.
+        lineage = [c.__name__ for c in reversed(getattr(model_class, "__mro__", ())) if c.__name__ != model]
+        lineage = [name for name in lineage if (props / "model" / f"{name}.yaml").is_file()] + [model]
+        files = [props / "overall.yaml", *(props / "model" / f"{name}.yaml" for name in lineage)]
+        if self._wants_cpu_profile():
+            files += [props / "profiles" / f"{name}-cpu.yaml" for name in lineage]
         files.append(props / "dataset" / f"{dataset}.yaml")
         for file in files:
             if file.is_file():

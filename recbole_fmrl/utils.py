@@ -63,7 +63,13 @@ def get_model(model_name: str):
 
 
 def get_trainer(model_type, model_name: str):
-    """``<Model>Trainer`` from ``recbole_fmrl.trainer`` if the plugin has one, else RecBole's choice."""
+    """``<Model>Trainer`` from ``recbole_fmrl.trainer`` for the plugin model or the plugin model it extends,
+    else RecBole's choice."""
     trainers = importlib.import_module("recbole_fmrl.trainer")
-    trainer = getattr(trainers, model_name + "Trainer", None)
-    return trainer if trainer is not None else recbole_get_trainer(model_type, model_name)
+    module = _plugin_model_module(model_name)
+    lineage = getattr(getattr(module, model_name, None), "__mro__", ())
+    for name in [model_name, *(c.__name__ for c in lineage)]:
+        trainer = getattr(trainers, name + "Trainer", None)
+        if trainer is not None:
+            return trainer
+    return recbole_get_trainer(model_type, model_name)

@@ -303,6 +303,12 @@ def _cases(ws, tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "eval_size": ([*fm, "--eval_size=5"], ("eval_size=5", "one of mrl_sizes")),
         "loss weights": ([*fm, "--mrl_loss_weights=[1]"], ("mrl_loss_weights", "one non-negative weight")),
         "train_mode": ([*fm, "--train_mode=sometimes"], ("train_mode='sometimes'",)),
+        "encoder": ([*fm, "--encoder=foo"], ("encoder='foo' is not valid", "lru", "mamba")),
+        "mamba cuda": ([*fm, "--encoder=mamba", "--mamba_impl=cuda"], ("mamba_impl=cuda needs",)),
+        "qarm levels": (
+            [RUN, "--model=QARMRec", data, "--qarm_rq_levels=0"],
+            ("qarm_rq_levels=0", "whole number >= 1"),
+        ),
         "modalities": (
             [RUN, "--model=fMRLRec", data, "--modalities=[audio]"],
             ("['audio'] have no features",),
@@ -393,6 +399,9 @@ CASE_NAMES = [
     "eval_size",
     "loss weights",
     "train_mode",
+    "encoder",
+    "mamba cuda",
+    "qarm levels",
     "modalities",
     "neg sampling",
     "n_negs",

@@ -6,107 +6,28 @@
 
 from __future__ import annotations
 
-import hashlib
-import logging
-
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
 from recbole_fmrl.data.features import MODALITIES, as_list, load_item_features
-from recbole_fmrl.errors import CheckpointError, ConfigError
-from recbole_fmrl.model.abstract_recommender import MatryoshkaRecommender, require_int, slice_embedding
+from recbole_fmrl.errors import ConfigError
+from recbole_fmrl.model.abstract_recommender import MatryoshkaRecommender, require_int
+from recbole_fmrl.model.layers.item_tower import (  # noqa: F401  (FeatureMismatchError: public import)
+    FeatureMismatchError,
+    ItemTower,
+    QARMItemTower,
+)
 from recbole_fmrl.model.layers.lru import LRUEncoder
 from recbole_fmrl.model.layers.matryoshka import iter_size_scores
 from recbole_fmrl.model.layers.nested_loss import nested_cross_entropy
+from recbole_fmrl.model.layers.packed import PackedEncoder
 from recbole_fmrl.trainer import SCHEDULES
 
 TRAIN_MODES = ("prefix", "all_positions")
-logger = logging.getLogger(__name__)
-
-
-class FeatureMismatchError(CheckpointError):
-    """A checkpoint was trained on other frozen item features than the ones loaded now."""
-
-
-def features_digest(features: torch.Tensor) -> torch.Tensor:
-    """SHA-256 of the features' float32 bytes, as 32 uint8 values (a state-dict buffer)."""
-    data = features.detach().cpu().contiguous().float().numpy().tobytes()
-    return torch.tensor(list(hashlib.sha256(data).digest()), dtype=torch.uint8)
-
-
-class ItemTower(nn.Module):
-    """Item embedding = projection(concat of modality features) [+ ID embedding]; used for input and output.
-
-    Frozen features are a non-persistent buffer: checkpoints stay small and reload them from the feature
-    cache. Their digest is saved instead and checked on load, so a checkpoint never silently scores with
-    other features (another cache, encoder or seed). Trainable features are a parameter and are saved.
-    """
-
-    def __init__(
-        self,
-        n_items: int,
-        hidden_size: int,
-        features: dict[str, torch.Tensor],
-        use_id_embedding: bool,
-        freeze_features: bool,
-    ):
-        super().__init__()
-        self.modalities = list(features)
-        self.projection = None
-        if features:
-            stacked = torch.cat([features[m] for m in self.modalities], dim=1).float()
-            if freeze_features:
-                self.register_buffer("features", stacked, persistent=False)
-                self.register_buffer("features_digest", features_digest(stacked))
-            else:
-                self.features = nn.Parameter(stacked)
-            self.projection = nn.Linear(stacked.size(1), hidden_size)
-        self.id_embedding = None
-        if use_id_embedding:  # RecBole's init N(0, 0.02) with a zero padding row; N(0, 1) gives a CE of ~85
-            self.id_embedding = nn.Embedding(n_items, hidden_size, padding_idx=0)
-            with torch.no_grad():
-                self.id_embedding.weight.normal_(0.0, 0.02)
-                self.id_embedding.weight[0].zero_()
-        if self.projection is None and self.id_embedding is None:
-            raise ValueError("fMRLRec needs item features (modalities) or use_id_embedding: True.")
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "features_digest"
-        if hasattr(self, "features_digest"):
-            theirs = state_dict.get(key)
-            if theirs is None:
-                logger.warning(
-                    "checkpoint has no item-feature digest (saved before digests): cannot check features"
-                )
-                state_dict[key] = self.features_digest
-            elif not torch.equal(theirs.cpu(), self.features_digest.cpu()):
-                raise FeatureMismatchError(
-                    "the checkpoint was trained on other item features than this run loaded (digest "
-                    f"{bytes(theirs.tolist()).hex()[:12]} vs {bytes(self.features_digest.tolist()).hex()[:12]}): "
-                    "another feature cache, encoder, text_fields or feature_seed. Use the settings and cache it was "
-                    "trained with, or retrain."
-                )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    @torch.no_grad()
-    def slice_(self, sizes: list[int]) -> None:
-        m = sizes[-1]
-        if self.projection is not None:
-            old = self.projection
-            self.projection = nn.Linear(old.in_features, m).to(old.weight)
-            self.projection.weight.copy_(old.weight[:m])
-            self.projection.bias.copy_(old.bias[:m])
-        if self.id_embedding is not None:
-            self.id_embedding = slice_embedding(self.id_embedding, m)
-
-    def forward(self) -> torch.Tensor:
-        """Embeddings of all items, ``[n_items, hidden_size]``."""
-        out = self.projection(self.features) if self.projection is not None else 0
-        if self.id_embedding is not None:
-            out = out + self.id_embedding.weight
-        return out
+ITEM_TOWERS = ("features", "qarm")
+ENCODERS = ("lru", "mamba")
 
 
 class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the paper's name)
@@ -122,6 +43,22 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
     @classmethod
     def check_config(cls, config) -> None:
         super().check_config(config)
+        if config["encoder"] not in ENCODERS:
+            raise ConfigError(f"encoder={config['encoder']!r} is not valid: use one of {ENCODERS}.")
+        if config["encoder"] == "mamba":
+            from recbole_fmrl.model.layers.mamba import check_mamba_impl
+
+            check_mamba_impl(config["mamba_impl"], config["device"])
+            for key in ("mamba_d_state", "mamba_d_conv", "mamba_expand"):
+                require_int(config, key, 1, "Mamba encoder setting")
+            if config["mamba_chunk"] is not None:
+                require_int(config, "mamba_chunk", 1, "time steps per chunk of the PyTorch scan; ~ = auto")
+        if config["item_tower"] not in ITEM_TOWERS:
+            raise ConfigError(f"item_tower={config['item_tower']!r} is not valid: use one of {ITEM_TOWERS}.")
+        if config["item_tower"] == "qarm":
+            from recbole_fmrl.quantization.qarm import check_qarm_config
+
+            check_qarm_config(config)
         if config["train_mode"] not in TRAIN_MODES:
             raise ConfigError(f"train_mode={config['train_mode']!r} is not valid: use one of {TRAIN_MODES}.")
         precomputed = config["precomputed_features"] or {}
@@ -161,25 +98,57 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
         self.train_mode = config["train_mode"]
         self.loss_chunk_size = config["loss_chunk_size"]
 
+        self.item_tower = self.build_item_tower(config, dataset)
+        self.emb_dropout = nn.Dropout(config["dropout_prob"])
+        self.encoder = self.build_encoder(config)
+
+    def build_encoder(self, config) -> PackedEncoder:
+        """``encoder: lru`` (the paper's) or ``mamba`` (nested Mamba4Rec-style blocks); both nest exactly."""
+        common = {
+            "dropout": config["dropout_prob"],
+            "attn_dropout": config["attn_dropout_prob"],
+            "bias": bool(config["use_bias"]),
+        }
+        if config["encoder"] == "mamba":
+            from recbole_fmrl.model.layers.mamba import MambaEncoder
+
+            return MambaEncoder(
+                self.mrl_sizes,
+                int(config["n_layers"]),
+                d_state=int(config["mamba_d_state"]),
+                d_conv=int(config["mamba_d_conv"]),
+                expand=int(config["mamba_expand"]),
+                impl=config["mamba_impl"],
+                chunk=config["mamba_chunk"],
+                **common,
+            )
+        return LRUEncoder(
+            self.mrl_sizes, int(config["n_layers"]), r_min=config["r_min"], r_max=config["r_max"], **common
+        )
+
+    def build_item_tower(self, config, dataset) -> ItemTower:
+        """``item_tower: features``: projected frozen features [+ ID]; ``qarm``: QARM codes' embeddings
+        [+ projected aligned features, ``qarm_use_feature``] [+ ID]."""
+        use_id, freeze = bool(config["use_id_embedding"]), bool(config["freeze_features"])
+        if config["item_tower"] == "qarm":
+            from recbole_fmrl.quantization.qarm import item_codes
+
+            codes = item_codes(config, dataset)
+            self.qarm_report = codes.report
+            features = {"aligned": torch.from_numpy(codes.aligned)} if config["qarm_use_feature"] else {}
+            return QARMItemTower(
+                self.n_items,
+                self.hidden_size,
+                features,
+                use_id,
+                freeze,
+                None if codes.rq is None else torch.from_numpy(codes.rq),
+                codes.codebook_size,
+                None if codes.vq is None else torch.from_numpy(codes.vq),
+            )
         modalities = as_list(config["modalities"])
         features = load_item_features(config, dataset, modalities) if modalities else {}
-        self.item_tower = ItemTower(
-            self.n_items,
-            self.hidden_size,
-            features,
-            bool(config["use_id_embedding"]),
-            bool(config["freeze_features"]),
-        )
-        self.emb_dropout = nn.Dropout(config["dropout_prob"])
-        self.encoder = LRUEncoder(
-            self.mrl_sizes,
-            int(config["n_layers"]),
-            dropout=config["dropout_prob"],
-            attn_dropout=config["attn_dropout_prob"],
-            r_min=config["r_min"],
-            r_max=config["r_max"],
-            bias=bool(config["use_bias"]),
-        )
+        return ItemTower(self.n_items, self.hidden_size, features, use_id, freeze)
 
     def encode(
         self, item_seq: torch.Tensor, items: torch.Tensor, last: torch.Tensor | None = None

@@ -1,0 +1,1 @@
+"""QARM: behaviour alignment of item features, RQ-Kmeans and VQ codes."""
