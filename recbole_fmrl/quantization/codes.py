@@ -54,15 +54,15 @@ def rq_kmeans(
             f"qarm_rq_codebook={codebook_size} is larger than the {x.shape[0]} items to cluster: "
             f"use a codebook of at most {x.shape[0]} (fewer clusters than items), or ~ for the automatic size."
         )
-    residual = x.copy()
+    residual = x.astype(np.float64)  # sklearn upcasts float32 distances chunk by chunk: 5x slower
     codes = np.empty((x.shape[0], levels), dtype=np.int64)
     centroids, errors = [], []
     for level in range(levels):
         km = KMeans(n_clusters=codebook_size, n_init=1, max_iter=max_iter, random_state=seed + level)
         codes[:, level] = km.fit_predict(residual)
-        centre = km.cluster_centers_.astype(np.float32)
+        centre = km.cluster_centers_
         residual -= centre[codes[:, level]]
-        centroids.append(centre)
+        centroids.append(centre.astype(np.float32))
         errors.append(float((residual**2).sum(1).mean()))
     return RQCodes(codes, centroids, errors)
 
