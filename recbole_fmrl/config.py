@@ -129,6 +129,24 @@ class Config(RecBoleConfig):
                         k for k in config_dict if k not in self.parameters["Dataset"]
                     ]
 
+    def fill_missing_defaults(self) -> list[str]:
+        """Give keys that the plugin's yaml defaults gained since this Config was saved (a pickled RecBole
+        checkpoint from an older version) their default values; returns the keys filled."""
+        props = properties_dir()
+        lineage = [c.__name__ for c in reversed(getattr(self.model_class, "__mro__", ()))]
+        files = [props / "overall.yaml", *(props / "model" / f"{name}.yaml" for name in lineage)]
+        filled = []
+        for file in files:
+            if not file.is_file():
+                continue
+            with open(file, encoding="utf-8") as f:
+                defaults = yaml.load(f.read(), Loader=self.yaml_loader) or {}
+            for key, value in defaults.items():
+                if key not in self.final_config_dict:
+                    self.final_config_dict[key] = value
+                    filled.append(key)
+        return filled
+
     def _wants_cpu_profile(self) -> bool:
         """``device_profile: auto`` (default) picks the model's CPU profile when there is no usable GPU."""
         setting = self.external_config_dict.get(

@@ -184,11 +184,14 @@ def load_data_and_model(model_file: str, trust: bool = False):
         )
     else:
         config = checkpoint["config"]
+        filled = Config.fill_missing_defaults(config) if isinstance(config, Config) else []
     check_atomic_files(config)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
     logger.info(config)
+    if not portable and filled:
+        logger.info(f"checkpoint config predates keys {filled}: they take their current defaults")
 
     dataset = create_dataset(config)
     logger.info(dataset)

@@ -207,3 +207,16 @@ def test_sampled_evaluation_run_keeps_its_result_and_skips_the_size_table(
     monkeypatch.setattr(sys, "argv", ["evaluation"])
     assert evaluation_cli([f"--model_file={result['saved_model_file']}"]) == 2
     assert "needs full ranking: set eval_args mode to 'full'" in capsys.readouterr().err
+
+
+def test_checkpoint_from_before_new_keys_loads_with_their_defaults(trained, tmp_path):
+    """A pickled checkpoint of an older version lacks keys added since (encoder, item_tower, ...)."""
+    result, _ = trained
+    checkpoint = torch.load(result["saved_model_file"], weights_only=False)
+    for key in ("encoder", "item_tower", "mamba_impl", "qarm_codes"):
+        del checkpoint["config"].final_config_dict[key]
+    old = tmp_path / "old.pth"
+    torch.save(checkpoint, old)
+    config, model, *_ = load_data_and_model(str(old), trust=True)
+    assert config["encoder"] == "lru" and config["item_tower"] == "features"
+    assert model.encoder.__class__.__name__ == "LRUEncoder"
