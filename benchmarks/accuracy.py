@@ -104,8 +104,8 @@ def summarise(results: list[dict], dataset: str) -> tuple[dict, str]:
         f"Test metrics on {dataset} of the point with the best valid NDCG@10 (points tried per variant: "
         f"{max((sum(r['variant'] == v for r in results) for v in best), default=0)}).",
         "",
-        "| variant | test N@10 | test R@10 | paper N@10 / R@10 | epochs (best) | stopped by | train min |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | test N@10 | test R@10 | paper N@10 / R@10 | epochs (best) | stopped by | train min | s/epoch (with valid) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for v, r in best.items():
         test = r["test_result"]
@@ -113,7 +113,8 @@ def summarise(results: list[dict], dataset: str) -> tuple[dict, str]:
         anchor_text = f"{anchor[0]:.4f} / {anchor[1]:.4f}" if anchor else "n/a"
         lines.append(
             f"| {v} | {test['ndcg@10']:.4f} | {test['recall@10']:.4f} | {anchor_text} | "
-            f"{r['epochs']} ({r['best_epoch']}) | {r['stopped_by']} | {r['train_seconds'] / 60:.1f} |"
+            f"{r['epochs']} ({r['best_epoch']}) | {r['stopped_by']} | {r['train_seconds'] / 60:.1f} | "
+            f"{r['train_seconds'] / max(r['epochs'] or 1, 1):.0f} |"
         )
     sized = [(v, r) for v, r in best.items() if r.get("test_result_by_size")]
     for v, r in sized:

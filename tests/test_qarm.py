@@ -198,13 +198,24 @@ def test_qarm_export_reproduces_nested_scores(mm, codes, use_feature, seed):
                 assert torch.equal(sub.item_tower.rq_index, model.item_tower.rq_index)
 
 
-def test_qarm_trains_and_saves_its_codes(mm, in_tmp):
+def test_qarm_trains_and_its_export_file_reproduces_every_size(mm, in_tmp):
+    from recbole_fmrl.cli import export as export_cli
     from recbole_fmrl.quick_start import load_data_and_model, run_recbole_fmrl
 
     result = run_recbole_fmrl("QARMRec", "mm-sample", config_dict={**FAST, **SMALL, "epochs": 2}, cli_args=[])
     assert set(result["test_result_by_size"]) == {4, 8, 16}
-    _, model, *_ = load_data_and_model(result["saved_model_file"], trust=True)
-    assert model.item_tower.rq_index.shape[1] == 3 and model.item_tower.vq_index.shape[1] == 5
+    _, nested, _, _, _, test = load_data_and_model(result["saved_model_file"], trust=True)
+    assert nested.item_tower.rq_index.shape[1] == 3 and nested.item_tower.vq_index.shape[1] == 5
+    batch = next(iter(test))[0]
+    nested.eval()
+    for k, size in enumerate([4, 8, 16]):
+        path = in_tmp / f"qarm{size}.pth"
+        argv = [f"--model_file={result['saved_model_file']}", f"--size={size}", f"--output={path}", "--trust"]
+        assert export_cli.main(argv) == 0
+        _, sub, *_ = load_data_and_model(str(path))
+        with torch.no_grad():
+            expected = nested.full_sort_predict_sizes(batch)[k]
+            torch.testing.assert_close(sub.eval().full_sort_predict(batch), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_codes_export_as_atomic_token_seq_fields(mm, tmp_path):
