@@ -138,9 +138,15 @@ def summarise(results: dict[str, dict], codes: dict | None, dataset: str, budget
             f"{rq.get('codebook_size')} collision rate {rq.get('collision_rate', float('nan')):.4f}; VQ top-{vq.get('k')}.",
             "",
         ]
+    done = [r for r in results.values() if "error" not in r and r.get("valid_history")]
+    common = min((len(r["valid_history"]) for r in done), default=0)
     lines += [
-        "| variant | model | test N@10 | test R@10 | cold N@10 | cold R@10 | cold users | epochs | stopped by |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Equal budgets can give unequal epochs (the load on the machine varies), so `valid N@10 @ epoch {common}` "
+        "compares every variant after the same number of epochs.",
+        "",
+        f"| variant | model | test N@10 | test R@10 | cold N@10 | cold R@10 | cold users | epochs | stopped by | "
+        f"valid N@10 @ epoch {common} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, r in results.items():
         if "error" in r:
@@ -152,7 +158,8 @@ def summarise(results: dict[str, dict], codes: dict | None, dataset: str, budget
         lines.append(
             f"| {variant} | {r['model']} | {test['ndcg@10']:.4f} | {test['recall@10']:.4f} | "
             f"{largest.get('ndcg@10', float('nan')):.4f} | {largest.get('recall@10', float('nan')):.4f} | "
-            f"{slices.get('users', {}).get('cold', '')} | {r['epochs']} | {r['stopped_by']} |"
+            f"{slices.get('users', {}).get('cold', '')} | {r['epochs']} | {r['stopped_by']} | "
+            f"{r['valid_history'][common - 1]:.4f} |"
         )
     sized = {v: r for v, r in results.items() if r.get("test_result_by_size")}
     if sized:

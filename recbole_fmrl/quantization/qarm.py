@@ -100,7 +100,6 @@ def aligned_features(config, dataset, features: np.ndarray) -> tuple[np.ndarray,
     cache_file = feature_cache_dir(config) / f"qarm-aligned-{key}.npz"
     ids = [str(i) for i in range(len(features))]
     aligned = read_cache(cache_file, ids)
-    history = None
     if aligned is None:
         aligned, history = train_alignment(
             features,
@@ -112,8 +111,13 @@ def aligned_features(config, dataset, features: np.ndarray) -> tuple[np.ndarray,
             seed=int(config["seed"]),
         )
         atomic_write(
-            cache_file, lambda tmp: np.savez(tmp, features=aligned, ids=np.asarray(ids)), suffix=".npz"
+            cache_file,
+            lambda tmp: np.savez(tmp, features=aligned, ids=np.asarray(ids), loss=np.asarray(history)),
+            suffix=".npz",
         )
+    else:  # the loss curve is kept with the cache, for the report
+        with np.load(cache_file, allow_pickle=False) as data:
+            history = data["loss"].tolist() if "loss" in data else None
     report = {
         "u2i_pairs": int(len(u2i)),
         "i2i_pairs": int(len(i2i)),
