@@ -24,6 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from recbole_fmrl.fileio import atomic_write_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "benchmarks" / "runs"
 CPU_PROFILE = str(ROOT / "properties" / "profiles" / "fMRLRec-cpu.yaml")
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{variant} point {k} failed:\n{result['stderr']}", file=sys.stderr)
             return {}
         result = {**spec, **result}
-        target.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_bytes(target, (json.dumps(result, indent=2) + "\n").encode())
         test = result["test_result"]
         print(
             f"{variant} point {k}: valid N@10 {result['best_valid_score']:.4f}  test N@10 {test['ndcg@10']:.4f} "
@@ -185,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results += finished
     summary, table = summarise(results, args.dataset)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(table)
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "summary.md", table.encode())
     print(table + f"results in {out}")
     return 0
 

@@ -22,6 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from recbole_fmrl.fileio import atomic_write_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "benchmarks" / "runs"
 
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd.append(f"--data_path={args.data_path}")
         subprocess.run(cmd, cwd=ROOT, check=True)
         report = out / "coded" / args.dataset / "qarm-report.json"
-        codes_file.write_text(report.read_text())
+        atomic_write_bytes(codes_file, report.read_bytes())
     codes = json.loads(codes_file.read_text())
 
     results: dict[str, dict] = {}
@@ -224,14 +226,14 @@ def main(argv: list[str] | None = None) -> int:
             results[v] = json.loads(target.read_text())
             if "error" in results[v].get("slices", {"error": "missing"}):  # a rerun fills a failed slice in
                 results[v]["slices"] = run_slice(args, results[v]["saved_model_file"])
-                target.write_text(json.dumps(results[v], indent=2) + "\n")
+                atomic_write_bytes(target, (json.dumps(results[v], indent=2) + "\n").encode())
         else:
             todo.append(v)
 
     def one(variant: str) -> tuple[str, dict]:
         result = run_variant(args, variant, out)
         if "error" not in result:
-            (out / f"{variant}.json").write_text(json.dumps(result, indent=2) + "\n")
+            atomic_write_bytes(out / f"{variant}.json", (json.dumps(result, indent=2) + "\n").encode())
         if "error" in result:
             print(f"{variant}: failed: {result['error']}", flush=True)
         else:
@@ -243,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             results[variant] = result
     ordered = {v: results[v] for v in variants if v in results}
     table = summarise(ordered, codes, args.dataset, args.budget)
-    (out / "summary.md").write_text(table)
-    (out / "summary.json").write_text(json.dumps({"codes": codes, "variants": ordered}, indent=2) + "\n")
+    atomic_write_bytes(out / "summary.md", table.encode())
+    atomic_write_bytes(
+        (out / "summary.json"), (json.dumps({"codes": codes, "variants": ordered}, indent=2) + "\n").encode()
+    )
     print(table + f"results in {out}")
     return 0
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from recbole_fmrl.fileio import atomic_write_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "benchmarks" / "runs"
 README = ROOT / "benchmarks" / "README.md"
@@ -70,7 +72,7 @@ def write_readme(outs: list[Path]) -> str:
     )
     for out in outs:
         text += "\n## " + out.name.removeprefix("reference-") + "\n\n" + (out / "results.md").read_text()
-    README.write_text(text.rstrip() + "\n")
+    atomic_write_bytes(README, (text.rstrip() + "\n").encode())
     return text
 
 
