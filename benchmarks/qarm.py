@@ -39,7 +39,11 @@ VARIANTS = {
 
 
 def slice_metrics(model_file: str, cold_max: int, k: int = 10) -> dict:
-    """N@k / R@k at every size over all test users and over the cold slice (target seen <= cold_max times)."""
+    """N@k / R@k at every size over all test users and over the cold slice (target seen <= cold_max times).
+
+    Written out rather than through RecBole's Collector: its metrics average over every user of a loader and
+    cannot be restricted to a subset; with one target per user (leave-one-out) both are a rank test.
+    """
     import numpy as np
     import torch
 

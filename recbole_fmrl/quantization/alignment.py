@@ -10,14 +10,12 @@ training target with its training history), so no valid/test interaction can sha
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from recbole_fmrl.errors import ConfigError
 
 
 def training_rows(dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -96,7 +94,7 @@ def neighbour_agreement(features: np.ndarray, matrix: sp.csr_matrix) -> float:
         sims[:, 0] = -torch.inf
         sims[torch.arange(len(rows)), rows] = -torch.inf
         nearest = sims.argmax(1).numpy()
-        hits += int(np.asarray(co[np.array(rows.numpy()), np.array(nearest)]).ravel().astype(bool).sum())
+        hits += int(np.asarray(co[rows.numpy().copy(), nearest.copy()]).ravel().astype(bool).sum())
     return hits / max(len(items), 1)
 
 
@@ -134,7 +132,7 @@ def train_alignment(
     x = torch.as_tensor(features, dtype=torch.float32)
     pairs_t = torch.as_tensor(pairs, dtype=torch.int64)
     if len(pairs_t) < 2:
-        raise ValueError(
+        raise ConfigError(
             f"only {len(pairs_t)} behaviour pairs in the training data: too few to align; set qarm_align: False."
         )
     with torch.random.fork_rng(devices=[]):

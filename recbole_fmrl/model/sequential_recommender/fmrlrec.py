@@ -133,8 +133,7 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
         if config["item_tower"] == "qarm":
             from recbole_fmrl.quantization.qarm import item_codes
 
-            codes = item_codes(config, dataset)
-            self.qarm_report = codes.report
+            codes = item_codes(config, dataset)  # its report is logged there
             features = {"aligned": torch.from_numpy(codes.aligned)} if config["qarm_use_feature"] else {}
             return QARMItemTower(
                 self.n_items,
