@@ -192,17 +192,20 @@ def _memory_step(variant: str) -> dict:
         nested_cross_entropy,
         nested_cross_entropy_reference,
     )
+    from recbole_fmrl.trainer import fused_optimizer_supported
 
     torch.manual_seed(0)
     n_items, dim, sizes, batch, length = 100_000, 256, [8, 16, 32, 64, 128, 256], 128, 50
     lengths = torch.randint(1, length + 1, (batch,)).clamp(max=torch.randint(3, 20, (batch,)))
     mask = torch.arange(length) < lengths.unsqueeze(1)  # Beauty-like: about 9 valid positions per row
     seq = torch.randint(1, n_items, (batch, length))
+    width = int(lengths.max())  # fMRLRec.encode trims each batch to its longest sequence
+    mask, seq = mask[:, :width], seq[:, :width]
     baseline = _peak_rss_mb()
     items_param = torch.nn.Parameter(torch.randn(n_items, dim) * 0.02)
     encoder = LRUEncoder(sizes, 1, dropout=0.6, attn_dropout=0.6, r_min=0.0, r_max=0.1)
     params = [items_param, *encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=fused_optimizer_supported(params))  # as the trainer
     loss_fn = nested_cross_entropy if variant == "fused" else nested_cross_entropy_reference
     weights = torch.full((len(sizes),), 1.0 / len(sizes))
     for _ in range(2):

@@ -1,5 +1,6 @@
 """Mechanisms that follow the papers' official code: initialisation, optimiser, schedule, negatives, stats."""
 
+import copy
 import math
 from collections import Counter
 
@@ -14,7 +15,7 @@ from recbole_fmrl.config import Config
 from recbole_fmrl.model.general_recommender.mrl4rec import MRL4Rec
 from recbole_fmrl.model.layers.lru import LRULayer
 from recbole_fmrl.model.sequential_recommender.fmrlrec import fMRLRec
-from recbole_fmrl.trainer import fMRLRecTrainer, warmup_cosine
+from recbole_fmrl.trainer import fMRLRecTrainer, fused_optimizer_supported, warmup_cosine
 
 ID_ONLY = {**FAST, "modalities": [], "use_id_embedding": True, "hidden_size": 64, "mrl_sizes": [16, 64]}
 
@@ -69,6 +70,31 @@ def test_trainer_warms_up_and_spares_biases_and_norms_from_decay(mm, in_tmp):
     peak = config["learning_rate"]
     assert lrs[:5] == pytest.approx([0, peak / 4, peak / 2, 3 * peak / 4, peak])
     assert lrs[5] < peak
+
+
+def test_trainer_uses_the_fused_optimizer_step_equal_to_the_plain_one(mm, in_tmp):
+    config, _, train, *_ = mm
+    init_seed(0, True)
+    model = fMRLRec(config, train._dataset)
+    trainer = fMRLRecTrainer(config, model)
+    assert trainer.optimizer.defaults["fused"] is True
+    plain_model = copy.deepcopy(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for group in trainer.optimizer.param_groups:
+        params = [plain_model.get_parameter(names[id(p)]) for p in group["params"]]
+        groups.append({**group, "params": params, "fused": False})
+    plain = type(trainer.optimizer)(groups)
+    batch = next(iter(train)).to(config["device"])
+    for m, opt in ((model, trainer.optimizer), (plain_model, plain)):
+        torch.manual_seed(1)  # the same dropout masks
+        for _ in range(2):
+            opt.zero_grad()
+            m.calculate_loss(batch).backward()
+            opt.step()
+    for (name, p), q in zip(model.named_parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert not fused_optimizer_supported([torch.zeros(2, dtype=torch.complex64)])
 
 
 def test_training_statistics_come_from_all_training_data(mm, in_tmp):
