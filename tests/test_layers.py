@@ -137,6 +137,11 @@ def test_nested_scores_equal_per_size_products(sizes, seed):
     for k, (m, fused) in enumerate(zip(sizes, iter_nested_scores(q, items, sizes), strict=True)):
         assert torch.equal(scores[k], q[:, :m] @ items[:, :m].T)
         torch.testing.assert_close(fused, scores[k], rtol=1e-4, atol=1e-4)
+    buffers = set()
+    for k, reused in enumerate(iter_size_scores(q, items, sizes, reuse=True)):
+        assert torch.equal(reused, scores[k])  # each size, while it is the current one
+        buffers.add(reused.data_ptr())
+    assert len(buffers) == 1
 
 
 @pytest.mark.parametrize(

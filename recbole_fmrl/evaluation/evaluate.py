@@ -36,7 +36,7 @@ def evaluate_all_sizes(trainer, eval_data, model=None) -> OrderedDict[int, Order
     for interaction, history_index, positive_u, positive_i in eval_data:
         interaction = interaction.to(trainer.device)
         positives = None
-        for scores, collector in zip(predict_sizes(interaction), collectors, strict=True):
+        for scores, collector in zip(predict_sizes(interaction, reuse=True), collectors, strict=True):
             scores = scores.reshape(-1, n_items)
             scores[:, 0] = -np.inf
             if history_index is not None:

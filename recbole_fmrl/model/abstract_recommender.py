@@ -56,8 +56,10 @@ class MatryoshkaRecommender:
             "eval_size": self.eval_size if self.eval_size in kept else size,
         }
 
-    def iter_full_sort_predict_sizes(self, interaction) -> Iterator[torch.Tensor]:
-        """Scores over all items at each size in turn, ``[B, n_items]``, from one encoder pass."""
+    def iter_full_sort_predict_sizes(self, interaction, reuse: bool = False) -> Iterator[torch.Tensor]:
+        """Scores over all items at each size in turn, ``[B, n_items]``, from one encoder pass; with
+        ``reuse``, one buffer overwritten per size (a consumer that is done with each size before the next,
+        such as the evaluator, saves an allocation per size)."""
         raise NotImplementedError
 
     def full_sort_predict_sizes(self, interaction) -> torch.Tensor:

@@ -174,9 +174,9 @@ class MRL4Rec(MatryoshkaRecommender, GeneralRecommender):
         ) / 2
         return bpr + self.reg_weight * reg / len(users)
 
-    def iter_full_sort_predict_sizes(self, interaction):
+    def iter_full_sort_predict_sizes(self, interaction, reuse: bool = False):
         user_all, item_all = self._representations()
-        yield from iter_size_scores(user_all[interaction[self.USER_ID]], item_all, self.mrl_sizes)
+        yield from iter_size_scores(user_all[interaction[self.USER_ID]], item_all, self.mrl_sizes, reuse)
 
     def full_sort_predict(self, interaction) -> torch.Tensor:
         user_all, item_all = self._representations()

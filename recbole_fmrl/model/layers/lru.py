@@ -88,20 +88,25 @@ class LRULayer(nn.Module):
         Position-wise maps run on the V valid rows only; padded steps enter the recurrence as zeros.
         """
         gamma = torch.exp(self.gamma_log)
-        b = x.new_zeros(*mask.shape, 2 * x.size(-1))
-        b[mask] = torch.cat([self.in_re(x) * gamma, self.in_im(x) * gamma], dim=-1)
-        b = torch.complex(*b.chunk(2, dim=-1))
+        valid = torch.complex(self.in_re(x) * gamma, self.in_im(x) * gamma)  # complex on the V rows only
+        b = valid.new_zeros(*mask.shape, valid.size(-1))
+        b[mask] = valid
         h = parallel_scan(self.lam(), b)[mask] if last is None else self._state_at(b, last)
         return self.dropout(self.out_re(h.real) - self.out_im(h.imag))
 
     def _state_at(self, b: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """h_last = sum_t lam^(last - t) b_t: one weighted sum instead of the whole scan, for inference."""
-        lag = last.unsqueeze(1) - torch.arange(b.size(1), device=b.device)  # [B, L]; < 0 after ``last``
-        lag = lag.unsqueeze(-1).to(self.nu_log.dtype)
-        powers = torch.polar(
-            torch.exp(-torch.exp(self.nu_log) * lag.clamp(min=0)), torch.exp(self.theta_log) * lag
-        )
-        return (powers * b * (lag >= 0)).sum(dim=1)
+        """h_last = sum_t lam^(last - t) b_t: one weighted sum instead of the whole scan, for inference.
+
+        The powers lam^0 .. lam^(L-1) come from a table of L rows (plus a zero row for steps after ``last``)
+        indexed by lag: ``torch.polar`` of every [B, L, D] lag cost most of an evaluation batch on CPU.
+        """
+        length = b.size(1)
+        steps = torch.arange(length, device=b.device, dtype=self.nu_log.dtype).unsqueeze(-1)
+        table = torch.polar(torch.exp(-torch.exp(self.nu_log) * steps), torch.exp(self.theta_log) * steps)
+        table = torch.cat([table, table.new_zeros(1, table.size(1))])  # row L: lag < 0 contributes nothing
+        lag = last.unsqueeze(1) - torch.arange(length, device=b.device)  # [B, L]; < 0 after ``last``
+        lag = torch.where(lag >= 0, lag, length)
+        return (table[lag] * b).sum(dim=1)
 
 
 class LRUBlock(nn.Module):

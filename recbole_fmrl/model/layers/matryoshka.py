@@ -173,15 +173,24 @@ def iter_nested_scores(query: torch.Tensor, items: torch.Tensor, sizes: Sequence
         yield scores
 
 
-def iter_size_scores(query: torch.Tensor, items: torch.Tensor, sizes: Sequence[int]):
+def iter_size_scores(query: torch.Tensor, items: torch.Tensor, sizes: Sequence[int], reuse: bool = False):
     """Yield each size's scores as its exported model computes them: ``query[:, :m] @ items[:, :m].T``.
 
     For evaluation and serving. The fused sum in ``iter_nested_scores`` adds in another order, and a last-bit
     difference can swap two near-tied items; this gives the standalone size-m model's scores bit for bit
     (same GEMM shape) at a cost of at most twice one full-size GEMM for doubling sizes.
+
+    ``reuse``: yield one ``[P, n_items]`` buffer, overwritten for each size (so each yield is valid until the
+    next is asked for). A fresh score matrix per size costs its page faults, on CPU as much as a small GEMM.
     """
+    out = None
     for end in sizes:
-        yield query[:, :end] @ items[:, :end].T
+        if not reuse:
+            yield query[:, :end] @ items[:, :end].T
+            continue
+        if out is None:
+            out = query.new_empty(query.size(0), items.size(0))
+        yield torch.mm(query[:, :end], items[:, :end].T, out=out)
 
 
 def loss_weights(config, n_sizes: int) -> torch.Tensor:

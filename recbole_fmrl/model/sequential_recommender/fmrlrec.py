@@ -187,9 +187,9 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
         targets = targets.scatter(1, (item_seq_len - 1).unsqueeze(1), pos_items.unsqueeze(1))
         return self._nested_ce(hidden, items, targets[item_seq > 0])
 
-    def iter_full_sort_predict_sizes(self, interaction):
+    def iter_full_sort_predict_sizes(self, interaction, reuse: bool = False):
         query, items = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        yield from iter_size_scores(query, items, self.mrl_sizes)
+        yield from iter_size_scores(query, items, self.mrl_sizes, reuse)
 
     def full_sort_predict(self, interaction) -> torch.Tensor:
         query, items = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
