@@ -9,7 +9,8 @@ from ``--data_path`` (default ``../shared/datasets``) and fall back to the shipp
 - nested_loss: the paper's D=1024 training step (1 LRU block, 32 x 50 positions, 12,101 items, 1024-d text +
   1024-d image features, 8 sizes) with the fused loss, with the reference loss (K logit matrices through
   autograd), and with a linear stand-in loss whose cost is exactly the three logit GEMMs (the GEMM floor of
-  the same step); interleaved, medians.
+  the same step); with ``--official_code=<checkout of github.com/yueqirex/fMRLRec>``, also the official model
+  code's step (its LRUModel, embedding path and loss); interleaved, medians.
 - loss_memory: peak RSS of a training step on a 100,000-item synthetic catalogue at D=256, fused vs
   reference, each in its own process, beside the model + gradients + optimiser state + loss scratch.
 
@@ -139,8 +140,54 @@ def _paper_step(loss_fn, n_items=12_101, batch=32, length=50, dim=1024, feature_
     return step
 
 
+def _official_step(code: str, n_items=12_101, batch=32, length=50, dim=1024, feature_dim=1024, seed=0):
+    """The same step with the official fMRLRec model code (``model/lru.py`` of a checkout of
+    github.com/yueqirex/fMRLRec at ``code``; not shipped here): its ``LRUModel`` (blocks + the K concatenated
+    score matrices), its embedding path (frozen text/image lookups, one projector, dropout) and its trainer's
+    loss (cross-entropy over the K stacked logit matrices)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("official_lru", Path(code) / "model" / "lru.py")
+    official = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(official)
+    torch.manual_seed(seed)
+    sizes = [8 * 2**k for k in range(8)]
+    args = SimpleNamespace(
+        mrl_hidden_sizes=sizes,
+        lru_num_blocks=1,
+        lru_use_bias=True,
+        lru_dropout=0.6,
+        lru_attn_dropout=0.6,
+        lru_r_min=0.0,
+        lru_r_max=0.1,
+    )
+    text = torch.nn.Embedding.from_pretrained(torch.randn(n_items, feature_dim), freeze=True, padding_idx=0)
+    image = torch.nn.Embedding.from_pretrained(torch.randn(n_items, feature_dim), freeze=True, padding_idx=0)
+    projector = torch.nn.Linear(2 * feature_dim, dim)
+    model = official.LRUModel(args)
+    dropout = torch.nn.Dropout(0.6)
+    optimizer = torch.optim.AdamW([*projector.parameters(), *model.parameters()], lr=1e-4)
+    seq = torch.randint(1, n_items, (batch, length + 1))
+    inputs, labels = seq[:, :-1], seq[:, 1:]
+    ce = torch.nn.CrossEntropyLoss(ignore_index=0)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        x = dropout(projector(torch.cat([text(inputs), image(inputs)], dim=-1)))
+        weight = projector(torch.cat([text.weight, image.weight], dim=-1))
+        logits = model(x, weight, inputs > 0)
+        ce(logits.view(-1, logits.size(-1)), labels.repeat(len(sizes), 1).view(-1)).backward()
+        optimizer.step()
+
+    return step
+
+
 def bench_nested_loss(args) -> dict:
-    """The D=1024 paper step: fused vs reference loss vs the GEMM floor, interleaved, median seconds."""
+    """The D=1024 paper step: fused vs reference loss vs the GEMM floor (and the official model code's step
+    when ``--official_code`` names a checkout of it), interleaved, median seconds."""
     import statistics
 
     from recbole_fmrl.model.layers.nested_loss import nested_cross_entropy, nested_cross_entropy_reference
@@ -150,6 +197,8 @@ def bench_nested_loss(args) -> dict:
         "reference": _paper_step(nested_cross_entropy_reference),
         "gemm_floor": _paper_step(_gemm_floor_loss),
     }
+    if args.official_code:
+        variants["official"] = _official_step(args.official_code)
     times = {name: [] for name in variants}
     for step in variants.values():
         step()  # warm-up
@@ -159,13 +208,16 @@ def bench_nested_loss(args) -> dict:
             step()
             times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(t) for name, t in times.items()}
-    return {
+    out = {
         "setting": "1 LRU block, 32 x 50 positions, 12,101 items, 1024+1024-d features, D=1024, 8 sizes",
         "step_s": med,
         "fused_over_gemm_floor": med["fused"] / med["gemm_floor"],
         "reference_over_fused": med["reference"] / med["fused"],
         "repeats": args.repeats + 2,
     }
+    if "official" in med:
+        out["official_over_fused"] = med["official"] / med["fused"]
+    return out
 
 
 def bench_loss_memory(args) -> dict:
@@ -345,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--out", default=None, help="output folder (default: benchmarks/runs/<UTC time>)")
+    parser.add_argument(
+        "--official_code",
+        default=None,
+        help="a checkout of github.com/yueqirex/fMRLRec: nested_loss also times its model code's step",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -353,6 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(run_one(args.child, args)))
         return 0
+    if args.official_code and not (Path(args.official_code) / "model" / "lru.py").is_file():
+        print(
+            f"--official_code={args.official_code}: no model/lru.py there; pass the folder of a checkout of "
+            "github.com/yueqirex/fMRLRec, or leave the option out.",
+            file=sys.stderr,
+        )
+        return 2
     out = Path(args.out) if args.out else RUNS / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     out.mkdir(parents=True, exist_ok=True)
     for name in args.only.split(","):
@@ -366,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--repeats={args.repeats}",
             f"--tokens={args.tokens}",
         ]
+        if args.official_code:
+            cmd.append(f"--official_code={Path(args.official_code).resolve()}")
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         if proc.returncode != 0:
             print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
