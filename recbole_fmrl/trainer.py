@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from recbole.trainer import Trainer
@@ -71,6 +72,12 @@ class fMRLRecTrainer(Trainer):  # noqa: N801
         total = int(self.config["epochs"]) * max(1, steps_per_epoch)
         factor = warmup_cosine(int(self.config["warmup_steps"]), total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        # A resumed run (RecBole's resume_checkpoint sets start_epoch) continues the schedule where it was:
+        # the schedule is a function of the optimizer steps done, start_epoch x steps_per_epoch.
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(int(self.start_epoch) * max(1, steps_per_epoch)):
+                self.scheduler.step()
         self.optimizer.register_step_post_hook(lambda *_: self.scheduler.step())
 
     def fit(

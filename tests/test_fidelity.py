@@ -72,6 +72,19 @@ def test_trainer_warms_up_and_spares_biases_and_norms_from_decay(mm, in_tmp):
     assert lrs[5] < peak
 
 
+def test_resumed_training_continues_the_schedule(mm, in_tmp):
+    config, _, train, *_ = mm
+    config["warmup_steps"], config["epochs"] = 4, 3
+    init_seed(0, True)
+    trainer = fMRLRecTrainer(config, fMRLRec(config, train._dataset))
+    trainer.start_epoch = 1  # as RecBole's resume_checkpoint leaves it after one finished epoch
+    trainer._attach_schedule(steps_per_epoch=10)
+    peak = config["learning_rate"]
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(peak * warmup_cosine(4, 30)(10))
+    trainer.optimizer.step()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(peak * warmup_cosine(4, 30)(11))
+
+
 def test_trainer_uses_the_fused_optimizer_step_equal_to_the_plain_one(mm, in_tmp):
     config, _, train, *_ = mm
     init_seed(0, True)
