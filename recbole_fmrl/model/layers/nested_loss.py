@@ -114,16 +114,16 @@ class _NestedCrossEntropy(torch.autograd.Function):
         # Row slices of a contiguous E^T make the forward GEMMs faster; the copy is skipped for big catalogues.
         small = items.numel() * items.element_size() <= TRANSPOSE_BYTES
         items_t = items.T.contiguous() if small else items.T
-        narrow = {k for k, (a, b) in enumerate(blocks) if b - a < NARROW_COLUMNS}
+        narrow = {k: slice(a, b) for k, (a, b) in enumerate(blocks) if b - a < NARROW_COLUMNS}
         # Per narrow block: contiguous item columns (forward and d-query) and a contiguous d-items accumulator.
-        item_cols = {k: items[:, a:b].contiguous() for k, (a, b) in enumerate(blocks) if k in narrow}
+        item_cols = {k: items[:, cols].contiguous() for k, cols in narrow.items()}
         item_rows = {k: cols.T.contiguous() for k, cols in item_cols.items()}
-        grad_e_narrow = {k: items.new_zeros(n_items, b - a) for k, (a, b) in enumerate(blocks) if k in narrow}
+        grad_e_narrow = {k: torch.zeros_like(cols) for k, cols in item_cols.items()} if want_e else {}
         for r0 in range(0, n_rows, chunk):
             r1 = min(n_rows, r0 + chunk)
             q, t, s = query[r0:r1], targets[r0:r1], scores[: r1 - r0]
             rows = torch.arange(r1 - r0, device=query.device)
-            q_cols = {k: q[:, a:b].contiguous() for k, (a, b) in enumerate(blocks) if k in narrow}
+            q_cols = {k: q[:, cols].contiguous() for k, cols in narrow.items()}
             for k, (a, b) in enumerate(blocks):
                 q_k, e_k = (q_cols[k], item_rows[k]) if k in narrow else (q[:, a:b], items_t[a:b])
                 if k == 0:
@@ -161,7 +161,7 @@ class _NestedCrossEntropy(torch.autograd.Function):
                     grad_e[:, a:b].addmm_(h.T, q[:, a:b])
         if want_e:
             for k, acc in grad_e_narrow.items():
-                grad_e[:, blocks[k][0] : blocks[k][1]] += acc
+                grad_e[:, narrow[k]] += acc
         ctx.grads = (grad_q, grad_e)  # plain attributes, so backward can hand them over without a copy
         return total
 
