@@ -2,12 +2,13 @@
 
     python -m benchmarks.accuracy [--dataset=amazon-beauty] [--data_path=../shared/datasets]
         [--variants=SASRec,fMRLRec,fMRLRec-id,LRURec-id] [--points=4] [--budget=60] [--epochs=200]
-        [--stopping_step=5] [--threads=2] [--jobs=1] [--out=DIR]
+        [--stopping_step=5] [--threads=2] [--jobs=1] [--grid_points=K,K] [--out=DIR]
 
 Every variant gets the same tuning budget: the first ``--points`` points of its grid (lr x dropout x batch
 size, the defaults first), each trained with early stopping on valid NDCG@10 (patience ``--stopping_step``)
 and a wall-clock cap of ``--budget`` minutes (RecBole's ``time_budget``); ``--jobs`` points train at once
-(side by side, so they share the machine alike). Each point runs in its own process,
+(side by side, so they share the machine alike); ``--grid_points`` picks grid points by index instead (a
+screening run, or one grid split over machines). Each point runs in its own process,
 through the same entry, split and evaluation as a user's run. Writes ``<out>/<variant>-<k>.json`` per point
 (config, epochs, what stopped it, wall time, valid history, test metrics, test metrics of every nesting size)
 and ``<out>/summary.json`` + ``summary.md`` (the best-on-valid point of each variant, beside the paper's).
@@ -132,6 +133,21 @@ def summarise(results: list[dict], dataset: str) -> tuple[dict, str]:
     return summary, "\n".join(lines) + "\n"
 
 
+def _picked_points(parser: argparse.ArgumentParser, args) -> list[int] | None:
+    """``--grid_points`` as indices valid for every chosen variant's grid, or None (use ``--points``)."""
+    if args.grid_points is None:
+        return None
+    try:
+        picked = [int(k) for k in args.grid_points.split(",") if k.strip()]
+    except ValueError:
+        parser.error(f"--grid_points={args.grid_points!r}: give grid indices such as 0,2")
+    size = min(len(VARIANTS[v][2]) for v in args.variants.split(","))
+    bad = [k for k in picked if not 0 <= k < size]
+    if bad or not picked:
+        parser.error(f"--grid_points={args.grid_points!r}: indices must lie in 0..{size - 1}")
+    return picked
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="amazon-beauty")
@@ -143,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stopping_step", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=1, help="points trained at once")
+    parser.add_argument("--grid_points", default=None, help="grid indices to train, e.g. 1,2 (not --points)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -151,11 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}: choose from {list(VARIANTS)}")
+    picked = _picked_points(parser, args)
     out = Path(args.out) if args.out else RUNS / time.strftime("accuracy-%Y%m%d-%H%M%S", time.gmtime())
     out.mkdir(parents=True, exist_ok=True)
     results, todo = [], []
     for variant in args.variants.split(","):
-        for k, point in enumerate(VARIANTS[variant][2][: args.points]):
+        grid = VARIANTS[variant][2]
+        for k in picked if picked is not None else range(min(args.points, len(grid))):
+            point = grid[k]
             target = out / f"{variant}-{k}.json"
             if target.is_file():  # a rerun resumes: finished points are kept, not retrained
                 results.append(json.loads(target.read_text()))

@@ -86,3 +86,33 @@ def test_time_budget_stops_after_the_epoch_and_tests_the_best_model(in_tmp):
 def test_bad_time_budget_is_a_config_error(in_tmp):
     with pytest.raises(ConfigError, match="time_budget='soon' must be a positive number of minutes"):
         run_recbole_fmrl("Pop", "mm-sample", config_dict={**FAST, "time_budget": "soon"}, cli_args=[])
+
+
+def test_accuracy_script_trains_the_picked_grid_points_and_resumes(tmp_path, monkeypatch, capsys):
+    from benchmarks import accuracy
+
+    trained = []
+
+    def fake_run(spec, cwd=None):
+        trained.append((spec["variant"], spec["point"], spec["config"]["train_batch_size"]))
+        return {
+            "best_valid_score": 0.01 * (spec["point"] + 1),
+            "test_result": {"ndcg@10": 0.02, "recall@10": 0.04},
+            "epochs": 1,
+            "best_epoch": 1,
+            "stopped_by": "epochs",
+            "train_seconds": 60.0,
+        }
+
+    monkeypatch.setattr(benchmark, "run_in_subprocess", fake_run)
+    argv = ["--variants=fMRLRec", f"--out={tmp_path}", "--grid_points=1,2"]
+    assert accuracy.main(argv) == 0
+    grid = accuracy.VARIANTS["fMRLRec"][2]
+    assert sorted(trained) == [("fMRLRec", k, grid[k]["train_batch_size"]) for k in (1, 2)]
+    assert json.loads((tmp_path / "summary.json").read_text())["best"]["fMRLRec"]["point"] == 2
+    # A rerun keeps finished points instead of retraining them.
+    assert accuracy.main(argv) == 0 and len(trained) == 2
+    for bad, message in (("9", "indices must lie in 0.."), ("x", "give grid indices")):
+        with pytest.raises(SystemExit):
+            accuracy.main(["--variants=fMRLRec", f"--out={tmp_path}", f"--grid_points={bad}"])
+        assert message in capsys.readouterr().err
