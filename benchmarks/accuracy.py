@@ -64,6 +64,9 @@ VARIANTS = {
     # fMRLRec on the dataset's modalities (text only on the shipped Amazon sets), CPU profile without a GPU.
     "fMRLRec": ("fMRLRec", {}, _FMRL_GRID),
     "fMRLRec-id": ("fMRLRec", {"use_id_embedding": True}, _FMRL_GRID),
+    # fMRLRec with the text features trained too (the official code's --freeze_embed False): item-specific
+    # capacity that starts from the text, with no separate ID table.
+    "fMRLRec-ft": ("fMRLRec", {"freeze_features": False}, _FMRL_GRID),
     # fMRLRec with the nested Mamba encoder instead of the LRU (same features and grid).
     "fMRLRec-mamba": ("fMRLRec", {"encoder": "mamba"}, _FMRL_GRID),
     # ID-only fMRLRec: the nested LRU on learned item embeddings, our stand-in for LRURec.

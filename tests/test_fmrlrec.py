@@ -185,3 +185,37 @@ def test_bad_precomputed_features_are_rejected(mm, tmp_path, problem):
     with pytest.raises(FeatureError, match="item ids" if problem == "rows" else "NaN/Inf"):
         fMRLRec(config, train._dataset)
     config["precomputed_features"] = None
+
+
+def test_trainable_features_are_learned_saved_and_exported(mm, tmp_path):
+    """freeze_features: False (the official code's --freeze_embed False): the feature table is a parameter,
+    a step changes it, the state dict carries it, and every size's export scores with the trained table."""
+    config, dataset, train, test = mm
+    tokens = list(dataset.field2id_token["item_id"][1:])
+    matrix = np.random.default_rng(0).normal(size=(len(tokens), 12)).astype(np.float32)
+    np.save(tmp_path / "f.npy", matrix)
+    (tmp_path / "ids.txt").write_text("\n".join(tokens))
+    features = {"text": {"path": str(tmp_path / "f.npy"), "ids": str(tmp_path / "ids.txt")}}
+    try:
+        frozen = build(mm, [4, 16], 0, modalities=["text"], precomputed_features=features)
+        assert "item_tower.features" not in dict(frozen.named_parameters())
+        model = build(
+            mm, [4, 16], 0, modalities=["text"], precomputed_features=features, freeze_features=False
+        ).train()
+    finally:
+        config["precomputed_features"], config["freeze_features"] = None, True
+    table = dict(model.named_parameters())["item_tower.features"]
+    before = table.detach().clone()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.calculate_loss(next(iter(train))).backward()
+    optimizer.step()
+    assert not torch.equal(table.detach(), before)
+    assert torch.equal(model.state_dict()["item_tower.features"], table.detach())
+    model.eval()
+    batch = first_batch(test)
+    with torch.no_grad():
+        all_sizes = model.full_sort_predict_sizes(batch)
+        for k, m in enumerate([4, 16]):
+            torch.testing.assert_close(
+                export_submodel(model, m).full_sort_predict(batch), all_sizes[k], rtol=1e-4, atol=1e-4
+            )
