@@ -1,7 +1,7 @@
 """Accuracy on real data: each variant's grid through ``run_recbole_fmrl``, selection on valid NDCG@10.
 
     python -m benchmarks.accuracy [--dataset=amazon-beauty] [--data_path=../shared/datasets]
-        [--variants=SASRec,fMRLRec,fMRLRec-id,LRURec-id] [--points=4] [--budget=60] [--epochs=200]
+        [--variants=SASRec,fMRLRec,fMRLRec-frozen,fMRLRec-id,LRURec-id] [--points=4] [--budget=60] [--epochs=200]
         [--stopping_step=5] [--threads=2] [--jobs=1] [--grid_points=K,K] [--out=DIR]
 
 Every variant gets the same tuning budget: the first ``--points`` points of its grid (lr x dropout x batch
@@ -61,14 +61,15 @@ VARIANTS = {
         {},
         _grid([1e-3, 3e-3], [0.5, 0.2], [2048, 256], ("hidden_dropout_prob", "attn_dropout_prob")),
     ),
-    # fMRLRec on the dataset's modalities (text only on the shipped Amazon sets), CPU profile without a GPU.
+    # fMRLRec on the dataset's modalities (text only on the shipped Amazon sets), CPU profile without a GPU
+    # (which trains the features: the official code's --freeze_embed False).
     "fMRLRec": ("fMRLRec", {}, _FMRL_GRID),
-    "fMRLRec-id": ("fMRLRec", {"use_id_embedding": True}, _FMRL_GRID),
-    # fMRLRec with the text features trained too (the official code's --freeze_embed False): item-specific
-    # capacity that starts from the text, with no separate ID table.
-    "fMRLRec-ft": ("fMRLRec", {"freeze_features": False}, _FMRL_GRID),
-    # fMRLRec with the nested Mamba encoder instead of the LRU (same features and grid).
-    "fMRLRec-mamba": ("fMRLRec", {"encoder": "mamba"}, _FMRL_GRID),
+    # The paper's setting: the features stay frozen, only their projection is learned.
+    "fMRLRec-frozen": ("fMRLRec", {"freeze_features": True}, _FMRL_GRID),
+    # Frozen features plus a learned ID embedding.
+    "fMRLRec-id": ("fMRLRec", {"use_id_embedding": True, "freeze_features": True}, _FMRL_GRID),
+    # fMRLRec-frozen with the nested Mamba encoder instead of the LRU (same features and grid).
+    "fMRLRec-mamba": ("fMRLRec", {"encoder": "mamba", "freeze_features": True}, _FMRL_GRID),
     # ID-only fMRLRec: the nested LRU on learned item embeddings, our stand-in for LRURec.
     "LRURec-id": ("fMRLRec", {"modalities": [], "use_id_embedding": True}, _FMRL_GRID),
 }

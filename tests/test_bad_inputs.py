@@ -91,6 +91,7 @@ def ws(tmp_path_factory):
                 "checkpoint_dir": str(root / "saved"),
                 "modalities": ["text"],
                 "precomputed_features": features,
+                "freeze_features": True,  # frozen features: the checkpoint keeps their digest (tested below)
             },
         )
     finally:
