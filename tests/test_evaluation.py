@@ -220,3 +220,41 @@ def test_checkpoint_from_before_new_keys_loads_with_their_defaults(trained, tmp_
     config, model, *_ = load_data_and_model(str(old), trust=True)
     assert config["encoder"] == "lru" and config["item_tower"] == "features"
     assert model.encoder.__class__.__name__ == "LRUEncoder"
+
+
+def test_export_with_trained_features_is_a_folded_table_and_scores_alike(in_tmp, monkeypatch):
+    """freeze_features: False: the exported file holds an n_items x m table instead of the feature table, and
+    loads (as an ID-embedding model) to the nested model's size-m scores."""
+    import numpy as np
+
+    dataset = Path(__file__).resolve().parents[1] / "dataset_atomic" / "mm-sample" / "mm-sample.item"
+    tokens = [line.split("\t")[0] for line in dataset.read_text().splitlines()[1:] if line.strip()]
+    np.save(in_tmp / "f.npy", np.random.default_rng(0).normal(size=(len(tokens), 48)).astype(np.float32))
+    (in_tmp / "ids.txt").write_text("\n".join(tokens))
+    result = run_recbole_fmrl(
+        "fMRLRec",
+        "mm-sample",
+        config_dict={
+            **FAST,
+            "modalities": ["text"],
+            "precomputed_features": {"text": {"path": str(in_tmp / "f.npy"), "ids": str(in_tmp / "ids.txt")}},
+            "freeze_features": False,
+            "hidden_size": 32,
+            "mrl_sizes": SIZES,
+            "checkpoint_dir": str(in_tmp),
+        },
+    )
+    monkeypatch.setattr(sys, "argv", ["export"])
+    path = in_tmp / "sub8.pth"
+    assert export_cli.main([f"--model_file={result['saved_model_file']}", "--size=8", f"--output={path}"]) == 0
+    state = read_portable(path)
+    assert state["config"]["modalities"] == [] and state["config"]["use_id_embedding"] is True
+    assert "item_tower.features" not in state["state_dict"]
+    assert state["state_dict"]["item_tower.id_embedding.weight"].shape == (len(tokens) + 1, 8)
+    _, nested, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
+    _, sub, *_ = load_data_and_model(str(path))
+    nested.eval(), sub.eval()
+    with torch.no_grad():
+        for batch, *_ in test_data:
+            expected = nested.full_sort_predict_sizes(batch)[0]
+            torch.testing.assert_close(sub.full_sort_predict(batch), expected, rtol=1e-5, atol=1e-5)

@@ -189,21 +189,23 @@ def test_bad_precomputed_features_are_rejected(mm, tmp_path, problem):
 
 def test_trainable_features_are_learned_saved_and_exported(mm, tmp_path):
     """freeze_features: False (the official code's --freeze_embed False): the feature table is a parameter,
-    a step changes it, the state dict carries it, and every size's export scores with the trained table."""
+    a step changes it, the state dict carries it, and every size's export scores with the trained table,
+    folded into an n_items x m table."""
     config, dataset, train, test = mm
     tokens = list(dataset.field2id_token["item_id"][1:])
     matrix = np.random.default_rng(0).normal(size=(len(tokens), 12)).astype(np.float32)
     np.save(tmp_path / "f.npy", matrix)
     (tmp_path / "ids.txt").write_text("\n".join(tokens))
     features = {"text": {"path": str(tmp_path / "f.npy"), "ids": str(tmp_path / "ids.txt")}}
+    saved = config["freeze_features"]
     try:
-        frozen = build(mm, [4, 16], 0, modalities=["text"], precomputed_features=features)
+        frozen = build(mm, [4, 16], 0, modalities=["text"], precomputed_features=features, freeze_features=True)
         assert "item_tower.features" not in dict(frozen.named_parameters())
         model = build(
             mm, [4, 16], 0, modalities=["text"], precomputed_features=features, freeze_features=False
         ).train()
     finally:
-        config["precomputed_features"], config["freeze_features"] = None, True
+        config["precomputed_features"], config["freeze_features"], config["modalities"] = None, saved, []
     table = dict(model.named_parameters())["item_tower.features"]
     before = table.detach().clone()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
@@ -216,6 +218,10 @@ def test_trainable_features_are_learned_saved_and_exported(mm, tmp_path):
     with torch.no_grad():
         all_sizes = model.full_sort_predict_sizes(batch)
         for k, m in enumerate([4, 16]):
-            torch.testing.assert_close(
-                export_submodel(model, m).full_sort_predict(batch), all_sizes[k], rtol=1e-4, atol=1e-4
-            )
+            sub = export_submodel(model, m)
+            torch.testing.assert_close(sub.full_sort_predict(batch), all_sizes[k], rtol=1e-4, atol=1e-4)
+            # The export folds the trained table into its projection's first m columns: n_items x m.
+            assert parameter_counts(sub)["item_tower"] == table.size(0) * m
+        assert model.submodel_config(4) | {"mrl_sizes": None} == {
+            "hidden_size": 4, "mrl_sizes": None, "eval_size": 4, "modalities": [], "use_id_embedding": True
+        }

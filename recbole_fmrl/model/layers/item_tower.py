@@ -79,9 +79,27 @@ class ItemTower(nn.Module):
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    # An export folds trained features into one [n_items, m] table (see ``folds_on_export``).
+    FOLD_TRAINED_FEATURES = True
+
+    @property
+    def folds_on_export(self) -> bool:
+        """Trained features (``freeze_features: False``) are per-item parameters as wide as the features: a
+        size-m export keeps only their projection's first m columns, as an ID-embedding table of width m."""
+        return self.FOLD_TRAINED_FEATURES and isinstance(getattr(self, "features", None), nn.Parameter)
+
     @torch.no_grad()
     def slice_(self, sizes: list[int]) -> None:
         m = sizes[-1]
+        if self.folds_on_export:
+            table = self.projection(self.features)[:, :m]
+            if self.id_embedding is not None:
+                table = table + self.id_embedding.weight[:, :m]
+            del self.features
+            self.projection, self.modalities = None, []
+            self.id_embedding = nn.Embedding(table.size(0), m, padding_idx=0).to(table)
+            self.id_embedding.weight.copy_(table)
+            return
         if self.projection is not None:
             old = self.projection
             self.projection = nn.Linear(old.in_features, m).to(old.weight)
@@ -106,6 +124,8 @@ class QARMItemTower(ItemTower):
     so a prefix of size m of the item embedding is the size-m tower's: export slices columns. Codes are
     persistent buffers, so a checkpoint scores with the codes it was trained with.
     """
+
+    FOLD_TRAINED_FEATURES = False  # its export rebuilds the codes from the config; the feature stays a feature
 
     def __init__(
         self,

@@ -187,6 +187,13 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
         targets = targets.scatter(1, (item_seq_len - 1).unsqueeze(1), pos_items.unsqueeze(1))
         return self._nested_ce(hidden, items, targets[item_seq > 0])
 
+    def submodel_config(self, size: int) -> dict:
+        """With trained features the export's item tower is one folded table (``ItemTower.slice_``)."""
+        keys = super().submodel_config(size)
+        if self.item_tower.folds_on_export:
+            keys.update({"modalities": [], "use_id_embedding": True})
+        return keys
+
     def iter_full_sort_predict_sizes(self, interaction, reuse: bool = False):
         query, items = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         yield from iter_size_scores(query, items, self.mrl_sizes, reuse)
