@@ -246,7 +246,9 @@ def test_export_with_trained_features_is_a_folded_table_and_scores_alike(in_tmp,
     )
     monkeypatch.setattr(sys, "argv", ["export"])
     path = in_tmp / "sub8.pth"
-    assert export_cli.main([f"--model_file={result['saved_model_file']}", "--size=8", f"--output={path}"]) == 0
+    assert (
+        export_cli.main([f"--model_file={result['saved_model_file']}", "--size=8", f"--output={path}"]) == 0
+    )
     state = read_portable(path)
     assert state["config"]["modalities"] == [] and state["config"]["use_id_embedding"] is True
     assert "item_tower.features" not in state["state_dict"]

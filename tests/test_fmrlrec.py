@@ -199,7 +199,9 @@ def test_trainable_features_are_learned_saved_and_exported(mm, tmp_path):
     features = {"text": {"path": str(tmp_path / "f.npy"), "ids": str(tmp_path / "ids.txt")}}
     saved = config["freeze_features"]
     try:
-        frozen = build(mm, [4, 16], 0, modalities=["text"], precomputed_features=features, freeze_features=True)
+        frozen = build(
+            mm, [4, 16], 0, modalities=["text"], precomputed_features=features, freeze_features=True
+        )
         assert "item_tower.features" not in dict(frozen.named_parameters())
         model = build(
             mm, [4, 16], 0, modalities=["text"], precomputed_features=features, freeze_features=False
@@ -223,5 +225,9 @@ def test_trainable_features_are_learned_saved_and_exported(mm, tmp_path):
             # The export folds the trained table into its projection's first m columns: n_items x m.
             assert parameter_counts(sub)["item_tower"] == table.size(0) * m
         assert model.submodel_config(4) | {"mrl_sizes": None} == {
-            "hidden_size": 4, "mrl_sizes": None, "eval_size": 4, "modalities": [], "use_id_embedding": True
+            "hidden_size": 4,
+            "mrl_sizes": None,
+            "eval_size": 4,
+            "modalities": [],
+            "use_id_embedding": True,
         }

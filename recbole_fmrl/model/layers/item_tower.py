@@ -125,7 +125,9 @@ class QARMItemTower(ItemTower):
     persistent buffers, so a checkpoint scores with the codes it was trained with.
     """
 
-    FOLD_TRAINED_FEATURES = False  # its export rebuilds the codes from the config; the feature stays a feature
+    FOLD_TRAINED_FEATURES = (
+        False  # its export rebuilds the codes from the config; the feature stays a feature
+    )
 
     def __init__(
         self,
