@@ -125,9 +125,8 @@ class QARMItemTower(ItemTower):
     persistent buffers, so a checkpoint scores with the codes it was trained with.
     """
 
-    FOLD_TRAINED_FEATURES = (
-        False  # its export rebuilds the codes from the config; the feature stays a feature
-    )
+    # Its export rebuilds the codes from the config, so the aligned feature stays a feature.
+    FOLD_TRAINED_FEATURES = False
 
     def __init__(
         self,
