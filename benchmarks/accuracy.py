@@ -1,7 +1,7 @@
 """Accuracy on real data: each variant's grid through ``run_recbole_fmrl``, selection on valid NDCG@10.
 
     python -m benchmarks.accuracy [--dataset=amazon-beauty] [--data_path=../shared/datasets]
-        [--variants=SASRec,fMRLRec,fMRLRec-frozen,fMRLRec-id,LRURec-id] [--points=4] [--budget=60] [--epochs=200]
+        [--variants=SASRec,fMRLRec,fMRLRec-id,LRURec-id,...] [--points=4] [--budget=60] [--epochs=200]
         [--stopping_step=5] [--threads=2] [--jobs=1] [--grid_points=K,K] [--out=DIR]
 
 Every variant gets the same tuning budget: the first ``--points`` points of its grid (lr x dropout x batch
@@ -66,8 +66,10 @@ VARIANTS = {
     "fMRLRec": ("fMRLRec", {}, _FMRL_GRID),
     # The paper's setting: the features stay frozen, only their projection is learned.
     "fMRLRec-frozen": ("fMRLRec", {"freeze_features": True}, _FMRL_GRID),
+    # The CPU profile (trained features) plus a learned ID embedding.
+    "fMRLRec-id": ("fMRLRec", {"use_id_embedding": True}, _FMRL_GRID),
     # Frozen features plus a learned ID embedding.
-    "fMRLRec-id": ("fMRLRec", {"use_id_embedding": True, "freeze_features": True}, _FMRL_GRID),
+    "fMRLRec-frozen-id": ("fMRLRec", {"use_id_embedding": True, "freeze_features": True}, _FMRL_GRID),
     # fMRLRec-frozen with the nested Mamba encoder instead of the LRU (same features and grid).
     "fMRLRec-mamba": ("fMRLRec", {"encoder": "mamba", "freeze_features": True}, _FMRL_GRID),
     # ID-only fMRLRec: the nested LRU on learned item embeddings, our stand-in for LRURec.
@@ -122,6 +124,21 @@ def summarise(results: list[dict], dataset: str) -> tuple[dict, str]:
             f"| {v} | {test['ndcg@10']:.4f} | {test['recall@10']:.4f} | {anchor_text} | "
             f"{r['epochs']} ({r['best_epoch']}) | {r['stopped_by']} | {r['train_seconds'] / 60:.1f} | "
             f"{r['train_seconds'] / max(r['epochs'] or 1, 1):.0f} |"
+        )
+    lines += [
+        "",
+        "Every point tried (the grid is the tuning: the best valid N@10 of each variant picks its row above):",
+        "",
+        "| variant | point | lr | dropout | batch | best valid N@10 (epoch) | test N@10 | epochs | stopped by |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results, key=lambda r: (r["variant"], r["point"])):
+        c = r["config"]
+        dropout = c.get("dropout_prob", c.get("hidden_dropout_prob", "default"))
+        lines.append(
+            f"| {r['variant']} | {r['point']} | {c.get('learning_rate', 'default')} | {dropout} | "
+            f"{c.get('train_batch_size', 'default')} | {r['best_valid_score']:.4f} ({r['best_epoch']}) | "
+            f"{r['test_result']['ndcg@10']:.4f} | {r['epochs']} | {r['stopped_by']} |"
         )
     sized = [(v, r) for v, r in best.items() if r.get("test_result_by_size")]
     for v, r in sized:

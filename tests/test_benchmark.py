@@ -110,6 +110,13 @@ def test_accuracy_script_trains_the_picked_grid_points_and_resumes(tmp_path, mon
     grid = accuracy.VARIANTS["fMRLRec"][2]
     assert sorted(trained) == [("fMRLRec", k, grid[k]["train_batch_size"]) for k in (1, 2)]
     assert json.loads((tmp_path / "summary.json").read_text())["best"]["fMRLRec"]["point"] == 2
+    rows = [
+        line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| fMRLRec |")
+    ]
+    # The best point's row, then one row per point tried with its own grid values and valid score.
+    assert len(rows) == 3
+    assert rows[1].startswith(f"| fMRLRec | 1 | {grid[1]['learning_rate']} | {grid[1]['dropout_prob']} | ")
+    assert "0.0200 (1)" in rows[1] and "0.0300 (1)" in rows[2]
     # A rerun keeps finished points instead of retraining them.
     assert accuracy.main(argv) == 0 and len(trained) == 2
     for bad, message in (("9", "indices must lie in 0.."), ("x", "give grid indices")):
