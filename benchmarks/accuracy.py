@@ -2,14 +2,15 @@
 
     python -m benchmarks.accuracy [--dataset=amazon-beauty] [--data_path=../shared/datasets]
         [--variants=SASRec,fMRLRec,fMRLRec-id,LRURec-id,...] [--points=4] [--budget=60] [--epochs=200]
-        [--stopping_step=5] [--threads=2] [--jobs=1] [--grid_points=K,K] [--out=DIR]
+        [--stopping_step=5] [--threads=2] [--jobs=1] [--grid_points=K,VARIANT:K] [--out=DIR]
 
 Every variant gets the same tuning budget: the first ``--points`` points of its grid (lr x dropout x batch
 size, the defaults first), each trained with early stopping on valid NDCG@10 (patience ``--stopping_step``)
 and a wall-clock cap of ``--budget`` minutes (RecBole's ``time_budget``); ``--jobs`` points train at once
-(side by side, so they share the machine alike); ``--grid_points`` picks grid points by index instead (a
-screening run, or one grid split over machines). Each point runs in its own process,
-through the same entry, split and evaluation as a user's run. Writes ``<out>/<variant>-<k>.json`` per point
+(side by side, so they share the machine alike); ``--grid_points`` picks grid points by index instead
+(``K`` for every variant, ``VARIANT:K`` for one: a screening run, or a grid split over machines or over
+commands sharing ``--out``, which a rerun over all of them then summarises). Each point runs in its own
+process, through the same entry, split and evaluation as a user's run. Writes ``<out>/<variant>-<k>.json`` per point
 (config, epochs, what stopped it, wall time, valid history, test metrics, test metrics of every nesting size)
 and ``<out>/summary.json`` + ``summary.md`` (the best-on-valid point of each variant, beside the paper's).
 ``--out`` defaults to the git-ignored ``benchmarks/runs/accuracy-<UTC time>``.
@@ -154,18 +155,33 @@ def summarise(results: list[dict], dataset: str) -> tuple[dict, str]:
     return summary, "\n".join(lines) + "\n"
 
 
-def _picked_points(parser: argparse.ArgumentParser, args) -> list[int] | None:
-    """``--grid_points`` as indices valid for every chosen variant's grid, or None (use ``--points``)."""
+def _picked_points(parser: argparse.ArgumentParser, args, variants: list[str]) -> dict[str, list[int]] | None:
+    """``--grid_points`` as each variant's grid indices, or None (use ``--points``).
+
+    ``K`` picks point K of every variant, ``VARIANT:K`` of that variant only, so one command can regenerate
+    a tuning grid whose points differ between models (for example ``SASRec:1,fMRLRec:2``).
+    """
     if args.grid_points is None:
         return None
-    try:
-        picked = [int(k) for k in args.grid_points.split(",") if k.strip()]
-    except ValueError:
-        parser.error(f"--grid_points={args.grid_points!r}: give grid indices such as 0,2")
-    size = min(len(VARIANTS[v][2]) for v in args.variants.split(","))
-    bad = [k for k in picked if not 0 <= k < size]
-    if bad or not picked:
-        parser.error(f"--grid_points={args.grid_points!r}: indices must lie in 0..{size - 1}")
+    picked: dict[str, list[int]] = {v: [] for v in variants}
+    for entry in (e.strip() for e in args.grid_points.split(",")):
+        if not entry:
+            continue
+        name, _, index = entry.rpartition(":")
+        if name and name not in picked:
+            parser.error(f"--grid_points={args.grid_points!r}: {name!r} is not among --variants {variants}")
+        try:
+            k = int(index)
+        except ValueError:
+            parser.error(f"--grid_points={args.grid_points!r}: give grid indices such as 0,2 or SASRec:1")
+        for v in [name] if name else variants:
+            size = len(VARIANTS[v][2])
+            if not 0 <= k < size:
+                parser.error(f"--grid_points={args.grid_points!r}: {v}'s indices must lie in 0..{size - 1}")
+            if k not in picked[v]:
+                picked[v].append(k)
+    if not any(picked.values()):
+        parser.error(f"--grid_points={args.grid_points!r}: give grid indices such as 0,2 or SASRec:1")
     return picked
 
 
@@ -180,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stopping_step", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=1, help="points trained at once")
-    parser.add_argument("--grid_points", default=None, help="grid indices to train, e.g. 1,2 (not --points)")
+    parser.add_argument(
+        "--grid_points",
+        default=None,
+        help="grid indices to train, e.g. 1,2 or SASRec:1,fMRLRec:2 (not --points)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -189,13 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}: choose from {list(VARIANTS)}")
-    picked = _picked_points(parser, args)
+    variants = args.variants.split(",")
+    picked = _picked_points(parser, args, variants)
     out = Path(args.out) if args.out else RUNS / time.strftime("accuracy-%Y%m%d-%H%M%S", time.gmtime())
     out.mkdir(parents=True, exist_ok=True)
     results, todo = [], []
-    for variant in args.variants.split(","):
+    for variant in variants:
         grid = VARIANTS[variant][2]
-        for k in picked if picked is not None else range(min(args.points, len(grid))):
+        for k in picked[variant] if picked is not None else range(min(args.points, len(grid))):
             point = grid[k]
             target = out / f"{variant}-{k}.json"
             if target.is_file():  # a rerun resumes: finished points are kept, not retrained

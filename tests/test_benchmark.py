@@ -123,3 +123,38 @@ def test_accuracy_script_trains_the_picked_grid_points_and_resumes(tmp_path, mon
         with pytest.raises(SystemExit):
             accuracy.main(["--variants=fMRLRec", f"--out={tmp_path}", f"--grid_points={bad}"])
         assert message in capsys.readouterr().err
+
+
+def test_accuracy_script_picks_grid_points_per_variant(tmp_path, monkeypatch, capsys):
+    from benchmarks import accuracy
+
+    trained = []
+
+    def fake_run(spec, cwd=None):
+        trained.append((spec["variant"], spec["point"], spec["config"]["train_batch_size"]))
+        return {
+            "best_valid_score": 0.01,
+            "test_result": {"ndcg@10": 0.02, "recall@10": 0.04},
+            "epochs": 1,
+            "best_epoch": 1,
+            "stopped_by": "epochs",
+            "train_seconds": 60.0,
+        }
+
+    monkeypatch.setattr(benchmark, "run_in_subprocess", fake_run)
+    # A plain index applies to every variant, VARIANT:K to one; repeats are trained once.
+    argv = ["--variants=SASRec,fMRLRec", f"--out={tmp_path}", "--grid_points=0,SASRec:1,fMRLRec:2,fMRLRec:2"]
+    assert accuracy.main(argv) == 0
+    grids = {v: accuracy.VARIANTS[v][2] for v in ("SASRec", "fMRLRec")}
+    expected = [("SASRec", 0), ("SASRec", 1), ("fMRLRec", 0), ("fMRLRec", 2)]
+    assert sorted(trained) == sorted((v, k, grids[v][k]["train_batch_size"]) for v, k in expected)
+    assert sorted(p.name for p in tmp_path.glob("*-*.json")) == sorted(f"{v}-{k}.json" for v, k in expected)
+    for bad, message in (
+        ("SASRec:9", "SASRec's indices must lie in 0.."),
+        ("LRURec-id:1", "'LRURec-id' is not among --variants"),
+        ("SASRec:x", "give grid indices"),
+        (",", "give grid indices"),
+    ):
+        with pytest.raises(SystemExit):
+            accuracy.main(["--variants=SASRec,fMRLRec", f"--out={tmp_path}", f"--grid_points={bad}"])
+        assert message in capsys.readouterr().err
