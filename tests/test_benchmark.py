@@ -88,9 +88,8 @@ def test_bad_time_budget_is_a_config_error(in_tmp):
         run_recbole_fmrl("Pop", "mm-sample", config_dict={**FAST, "time_budget": "soon"}, cli_args=[])
 
 
-def test_accuracy_script_trains_the_picked_grid_points_and_resumes(tmp_path, monkeypatch, capsys):
-    from benchmarks import accuracy
-
+def _fake_accuracy_runs(monkeypatch) -> list:
+    """Replace each point's training process by a record of what it was asked to train (valid score rises with the point)."""
     trained = []
 
     def fake_run(spec, cwd=None):
@@ -105,6 +104,13 @@ def test_accuracy_script_trains_the_picked_grid_points_and_resumes(tmp_path, mon
         }
 
     monkeypatch.setattr(benchmark, "run_in_subprocess", fake_run)
+    return trained
+
+
+def test_accuracy_script_trains_the_picked_grid_points_and_resumes(tmp_path, monkeypatch, capsys):
+    from benchmarks import accuracy
+
+    trained = _fake_accuracy_runs(monkeypatch)
     argv = ["--variants=fMRLRec", f"--out={tmp_path}", "--grid_points=1,2"]
     assert accuracy.main(argv) == 0
     grid = accuracy.VARIANTS["fMRLRec"][2]
@@ -128,20 +134,7 @@ def test_accuracy_script_trains_the_picked_grid_points_and_resumes(tmp_path, mon
 def test_accuracy_script_picks_grid_points_per_variant(tmp_path, monkeypatch, capsys):
     from benchmarks import accuracy
 
-    trained = []
-
-    def fake_run(spec, cwd=None):
-        trained.append((spec["variant"], spec["point"], spec["config"]["train_batch_size"]))
-        return {
-            "best_valid_score": 0.01,
-            "test_result": {"ndcg@10": 0.02, "recall@10": 0.04},
-            "epochs": 1,
-            "best_epoch": 1,
-            "stopped_by": "epochs",
-            "train_seconds": 60.0,
-        }
-
-    monkeypatch.setattr(benchmark, "run_in_subprocess", fake_run)
+    trained = _fake_accuracy_runs(monkeypatch)
     # A plain index applies to every variant, VARIANT:K to one; repeats are trained once.
     argv = ["--variants=SASRec,fMRLRec", f"--out={tmp_path}", "--grid_points=0,SASRec:1,fMRLRec:2,fMRLRec:2"]
     assert accuracy.main(argv) == 0
