@@ -206,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from recbole_fmrl.benchmark import run_in_subprocess
 
-    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}: choose from {list(VARIANTS)}")
-    variants = args.variants.split(",")
     picked = _picked_points(parser, args, variants)
     out = Path(args.out) if args.out else RUNS / time.strftime("accuracy-%Y%m%d-%H%M%S", time.gmtime())
     out.mkdir(parents=True, exist_ok=True)
