@@ -16,6 +16,7 @@ from recbole_fmrl.cli import export as export_cli
 from recbole_fmrl.cli.evaluate import main as evaluation_cli
 from recbole_fmrl.errors import ConfigError
 from recbole_fmrl.evaluation import evaluate_all_sizes
+from recbole_fmrl.evaluation import topk as topk_module
 from recbole_fmrl.evaluation.evaluate import _Positives
 from recbole_fmrl.quick_start import load_data_and_model, run_recbole_fmrl
 from recbole_fmrl.submodel.checkpoint import CheckpointMismatchError, check_fits, read_portable
@@ -154,7 +155,12 @@ EVERY_METRIC_FAMILY = [
 ]  # fmt: skip
 
 
-def test_every_metric_family_and_topk_equals_separate_evaluations(trained):
+@pytest.mark.parametrize("block_topk", [False, True], ids=["small-catalogue", "block-topk"])
+def test_every_metric_family_and_topk_equals_separate_evaluations(trained, block_topk, monkeypatch):
+    """Each size's metrics equal RecBole's own evaluation of that size, with torch.topk (mm-sample is below
+    the block top-k's catalogue threshold) and with the strided-block top-k forced on."""
+    if block_topk:
+        monkeypatch.setattr(topk_module, "_MIN_ITEMS", 0)
     result, _ = trained
     config, model, _, train_data, _, test_data = load_data_and_model(result["saved_model_file"])
     config["metrics"], config["topk"] = EVERY_METRIC_FAMILY, [3, 10]
