@@ -369,6 +369,7 @@ def bench_eval_sizes(args) -> dict:
     one = _median_time(lambda: trainer.evaluate(test, load_best_model=False), args.repeats)
     every = _median_time(lambda: evaluate_all_sizes(trainer, test), args.repeats)
     costs = size_costs(model, test, config["device"])
+    topk = _topk_times(model, test, config, args.repeats)
     return {
         "dataset": dataset,
         "sizes": model.mrl_sizes,
@@ -376,6 +377,27 @@ def bench_eval_sizes(args) -> dict:
         "all_sizes_eval_s": every,
         "all_over_one": every / one,
         "per_size": costs,
+        **topk,
+    }
+
+
+def _topk_times(model, test, config, repeats: int) -> dict:
+    """torch.topk vs the evaluator's strided-block top-k on one test batch's full-size scores."""
+    import torch
+
+    from recbole_fmrl.evaluation.topk import topk_indices
+
+    k = max(config["topk"])
+    interaction = next(iter(test))[0].to(config["device"])
+    with torch.no_grad():
+        scores = model.full_sort_predict(interaction).reshape(len(interaction), -1)
+    torch_s = _median_time(lambda: torch.topk(scores, k, dim=-1), repeats)
+    block_s = _median_time(lambda: topk_indices(scores, k), repeats)
+    return {
+        "topk_batch": list(scores.shape),
+        "torch_topk_ms": 1000 * torch_s,
+        "block_topk_ms": 1000 * block_s,
+        "block_over_torch_topk": block_s / torch_s,
     }
 
 
