@@ -29,9 +29,11 @@ def block_width(n_items: int, k: int) -> int:
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``[rows, k]`` of each row's k largest scores, in descending order of score."""
     rows, n_items = scores.shape
+    if scores.device.type != "cpu" or n_items < _MIN_ITEMS or k < 1:
+        return torch.topk(scores, k, dim=-1).indices
     width = block_width(n_items, k)
     n_blocks = n_items // width
-    if scores.device.type != "cpu" or n_items < _MIN_ITEMS or n_blocks < 4 * k:
+    if n_blocks < 4 * k:
         return torch.topk(scores, k, dim=-1).indices
     main = scores[:, : width * n_blocks].unflatten(1, (width, n_blocks))  # item a*n + j at [a, j]
     blocks = topk_indices(main.amax(dim=1), k)  # [rows, k]; recursive on very large catalogues
