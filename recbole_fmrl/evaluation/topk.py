@@ -1,10 +1,11 @@
-"""Top-k over a catalogue by strided blocks: the same k largest scores as ``torch.topk``, at a third its cost.
+"""Top-k over a catalogue by strided blocks: the same k largest scores as ``torch.topk``, faster on CPU.
 
 The all-sizes evaluator takes one top-k per nesting size, and on CPU ``torch.topk``'s per-row selection
 costs as much as a size's score GEMM. Split each row's items into ``n`` strided blocks (item ``a*n + j`` in
 block ``j``); the k largest scores lie in the k blocks with the largest maxima (any other block's maximum is
 topped by k distinct scores from those blocks). A vectorised max over the row, one small top-k over the
-block maxima and one over the k chosen blocks' items replace the selection over the whole row.
+block maxima and one over the k chosen blocks' items replace the selection over the whole row
+(``benchmarks.run --only eval_sizes`` times both on a Beauty batch).
 
 The values equal ``torch.topk``'s exactly (the same floats, sorted); among exactly tied scores which item
 is picked is unspecified, as it is for ``torch.topk`` itself.
@@ -22,18 +23,17 @@ _MIN_ITEMS = 2048
 
 def block_width(n_items: int, k: int) -> int:
     """Items per strided block: balances the top-k over block maxima (n_items / w) against the candidates
-    (w * k); a third of the balance point measured best on CPU (gathering strided candidates costs more)."""
+    (w * k); a third of the balance point was fastest in a micro-benchmark on CPU (gathering strided
+    candidates costs more than selecting among block maxima)."""
     return max(2, round(math.sqrt(n_items / k) / 3))
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``[rows, k]`` of each row's k largest scores, in descending order of score."""
     rows, n_items = scores.shape
-    if scores.device.type != "cpu" or n_items < _MIN_ITEMS or k < 1:
-        return torch.topk(scores, k, dim=-1).indices
-    width = block_width(n_items, k)
+    width = block_width(n_items, k) if k >= 1 else 1
     n_blocks = n_items // width
-    if n_blocks < 4 * k:
+    if scores.device.type != "cpu" or n_items < _MIN_ITEMS or k < 1 or n_blocks < 4 * k:
         return torch.topk(scores, k, dim=-1).indices
     main = scores[:, : width * n_blocks].unflatten(1, (width, n_blocks))  # item a*n + j at [a, j]
     blocks = topk_indices(main.amax(dim=1), k)  # [rows, k]; recursive on very large catalogues
