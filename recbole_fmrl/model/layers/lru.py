@@ -101,9 +101,10 @@ class LRULayer(nn.Module):
         """h_last = sum_t lam^(last - t) b_t: one weighted sum instead of the whole scan, for inference.
 
         Computed on the V packed valid rows (a row's steps are contiguous there) rather than on a zero-padded
-        [B, L, D] copy, which cost most of an evaluation batch on CPU (Beauty's sequences fill a fifth of
-        their 50 columns). The powers lam^0 .. lam^(L-1) come from a table of L rows, plus a zero row for steps
-        after ``last``. ``segment_reduce`` sums each row's steps in order, deterministically on CUDA too.
+        [B, L, D] copy, which cost most of an evaluation batch on CPU (short sequences, padded to L). The
+        powers lam^0 .. lam^(L-1) come from a table of L rows, plus a zero row for steps after ``last``. Each
+        row's steps are summed by ``segment_reduce`` rather than ``index_add_``, which scatters with atomics
+        on CUDA (non-deterministic).
         """
         length = mask.size(1)
         steps = torch.arange(length, device=valid.device, dtype=self.nu_log.dtype).unsqueeze(-1)
