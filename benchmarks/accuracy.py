@@ -62,17 +62,23 @@ VARIANTS = {
         {},
         _grid([1e-3, 3e-3], [0.5, 0.2], [2048, 256], ("hidden_dropout_prob", "attn_dropout_prob")),
     ),
-    # fMRLRec on the dataset's modalities (text only on the shipped Amazon sets), CPU profile without a GPU
-    # (which trains the features: the official code's --freeze_embed False).
-    "fMRLRec": ("fMRLRec", {}, _FMRL_GRID),
+    # fMRLRec on the dataset's modalities (text only on the shipped Amazon sets) with the features trained
+    # (the official code's --freeze_embed False) and no ID embedding: the CPU profile before it switched to
+    # frozen features + IDs (fMRLRec-frozen-id). Each variant pins both keys, so its numbers do not move
+    # with the profile.
+    "fMRLRec": ("fMRLRec", {"freeze_features": False, "use_id_embedding": False}, _FMRL_GRID),
     # The paper's setting: the features stay frozen, only their projection is learned.
-    "fMRLRec-frozen": ("fMRLRec", {"freeze_features": True}, _FMRL_GRID),
-    # The CPU profile (trained features) plus a learned ID embedding.
-    "fMRLRec-id": ("fMRLRec", {"use_id_embedding": True}, _FMRL_GRID),
-    # Frozen features plus a learned ID embedding.
+    "fMRLRec-frozen": ("fMRLRec", {"freeze_features": True, "use_id_embedding": False}, _FMRL_GRID),
+    # Trained features plus a learned ID embedding.
+    "fMRLRec-id": ("fMRLRec", {"use_id_embedding": True, "freeze_features": False}, _FMRL_GRID),
+    # Frozen features plus a learned ID embedding: today's CPU profile.
     "fMRLRec-frozen-id": ("fMRLRec", {"use_id_embedding": True, "freeze_features": True}, _FMRL_GRID),
     # fMRLRec-frozen with the nested Mamba encoder instead of the LRU (same features and grid).
-    "fMRLRec-mamba": ("fMRLRec", {"encoder": "mamba", "freeze_features": True}, _FMRL_GRID),
+    "fMRLRec-mamba": (
+        "fMRLRec",
+        {"encoder": "mamba", "freeze_features": True, "use_id_embedding": False},
+        _FMRL_GRID,
+    ),
     # ID-only fMRLRec: the nested LRU on learned item embeddings, our stand-in for LRURec.
     "LRURec-id": ("fMRLRec", {"modalities": [], "use_id_embedding": True}, _FMRL_GRID),
 }

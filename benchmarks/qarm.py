@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "benchmarks" / "runs"
 
 VARIANTS = {
-    # The paper's item tower: projected frozen text features (the CPU profile would train them).
-    "features": ("fMRLRec", {"freeze_features": True}),
+    # The paper's item tower: projected frozen text features, no ID embedding (the CPU profile adds one).
+    "features": ("fMRLRec", {"freeze_features": True, "use_id_embedding": False}),
     "id-only": ("fMRLRec", {"modalities": [], "use_id_embedding": True}),
     "qarm": ("QARMRec", {}),  # aligned RQ + VQ codes + the aligned feature
     "qarm-no-align": ("QARMRec", {"qarm_align": False}),

@@ -151,3 +151,27 @@ def test_accuracy_script_picks_grid_points_per_variant(tmp_path, monkeypatch, ca
         with pytest.raises(SystemExit):
             accuracy.main(["--variants=SASRec,fMRLRec", f"--out={tmp_path}", f"--grid_points={bad}"])
         assert message in capsys.readouterr().err
+
+
+def test_accuracy_variants_pin_their_item_tower_whatever_the_cpu_profile_says():
+    """Each fMRLRec variant's recorded numbers stay reproducible when the CPU profile's tower changes."""
+    from benchmarks import accuracy
+    from recbole_fmrl.config import Config
+
+    towers = {}
+    for name, (model, fixed, _) in accuracy.VARIANTS.items():
+        if model != "fMRLRec":
+            continue
+        config = Config(
+            model,
+            "mm-sample",
+            config_file_list=[accuracy.CPU_PROFILE],
+            config_dict={"state": "WARNING", "use_gpu": False, **fixed},
+        )
+        towers[name] = (config["freeze_features"], config["use_id_embedding"], bool(config["modalities"]))
+        assert {"freeze_features", "use_id_embedding"} <= set(fixed) or not config["modalities"], name
+    assert towers["fMRLRec"] == (False, False, True)
+    assert towers["fMRLRec-frozen"] == (True, False, True)
+    assert towers["fMRLRec-id"] == (False, True, True)
+    assert towers["fMRLRec-frozen-id"] == (True, True, True)
+    assert towers["LRURec-id"][1:] == (True, False)

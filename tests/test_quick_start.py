@@ -79,9 +79,17 @@ def test_mm_sample_generator_is_deterministic_and_matches_shipped_copy(tmp_path)
 def test_cpu_profile_applies_without_gpu_and_user_values_still_win():
     auto = Config("fMRLRec", "mm-sample", config_dict={"state": "WARNING", "use_gpu": False})
     assert auto["hidden_size"] == 256 and auto["mrl_sizes"][-1] == 256  # properties/profiles/fMRLRec-cpu.yaml
+    assert auto["freeze_features"] is True and auto["use_id_embedding"] is True  # frozen text + ID
     paper = Config("fMRLRec", "mm-sample", config_dict={"state": "WARNING", "device_profile": "paper"})
     assert paper["hidden_size"] == 1024 and paper["learning_rate"] == 0.0001
     mine = Config(
         "fMRLRec", "mm-sample", config_dict={"state": "WARNING", "hidden_size": 64, "mrl_sizes": [32, 64]}
     )
     assert mine["hidden_size"] == 64
+
+
+def test_qarm_cpu_profile_keeps_its_measured_tower_without_ids():
+    """QARMRec inherits fMRLRec's CPU profile but not its ID embedding: its codes are the item tower."""
+    auto = Config("QARMRec", "mm-sample", config_dict={"state": "WARNING", "use_gpu": False})
+    assert auto["hidden_size"] == 256 and auto["freeze_features"] is True
+    assert auto["use_id_embedding"] is False
