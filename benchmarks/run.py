@@ -366,7 +366,8 @@ def bench_train_modes(args) -> dict:
 
 
 def bench_eval_sizes(args) -> dict:
-    """All-sizes evaluation (one pass) vs one-size evaluation, and scoring latency per size."""
+    """All-sizes evaluation (one pass; fused scores, the default, and each size's exact GEMM) vs one-size
+    evaluation (RecBole's), and scoring latency per size."""
     from recbole_fmrl.evaluation import evaluate_all_sizes, size_costs
 
     dataset, extra = _beauty_or_sample(args)
@@ -374,6 +375,9 @@ def bench_eval_sizes(args) -> dict:
     trainer.eval_collector.data_collect(train)
     one = _median_time(lambda: trainer.evaluate(test, load_best_model=False), args.repeats)
     every = _median_time(lambda: evaluate_all_sizes(trainer, test), args.repeats)
+    config["mrl_eval_scoring"] = "exact"  # each size's own GEMM, as its export computes it
+    exact = _median_time(lambda: evaluate_all_sizes(trainer, test), args.repeats)
+    config["mrl_eval_scoring"] = "fused"
     costs = size_costs(model, test, config["device"])
     topk = _topk_times(model, test, config, args.repeats)
     return {
@@ -382,6 +386,8 @@ def bench_eval_sizes(args) -> dict:
         "one_size_eval_s": one,
         "all_sizes_eval_s": every,
         "all_over_one": every / one,
+        "all_sizes_exact_eval_s": exact,
+        "exact_all_over_one": exact / one,
         "per_size": costs,
         **topk,
     }

@@ -1,6 +1,7 @@
 """Matryoshka evaluator and sub-model export, end to end through checkpoints."""
 
 import csv
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -10,14 +11,16 @@ import torch
 from conftest import FAST
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from recbole.data import create_dataset, data_preparation
 from recbole.trainer import Trainer
 
 from recbole_fmrl.cli import export as export_cli
 from recbole_fmrl.cli.evaluate import main as evaluation_cli
 from recbole_fmrl.errors import ConfigError
+from recbole_fmrl.evaluation import evaluate as evaluate_module
 from recbole_fmrl.evaluation import evaluate_all_sizes
 from recbole_fmrl.evaluation import topk as topk_module
-from recbole_fmrl.evaluation.evaluate import _Positives
+from recbole_fmrl.evaluation.evaluate import _Positives, fused_size_scores
 from recbole_fmrl.quick_start import load_data_and_model, run_recbole_fmrl
 from recbole_fmrl.submodel.checkpoint import CheckpointMismatchError, check_fits, read_portable
 
@@ -219,12 +222,13 @@ def test_checkpoint_from_before_new_keys_loads_with_their_defaults(trained, tmp_
     """A pickled checkpoint of an older version lacks keys added since (encoder, item_tower, ...)."""
     result, _ = trained
     checkpoint = torch.load(result["saved_model_file"], weights_only=False)
-    for key in ("encoder", "item_tower", "mamba_impl", "qarm_codes"):
+    for key in ("encoder", "item_tower", "mamba_impl", "qarm_codes", "mrl_eval_scoring"):
         del checkpoint["config"].final_config_dict[key]
     old = tmp_path / "old.pth"
     torch.save(checkpoint, old)
     config, model, *_ = load_data_and_model(str(old), trust=True)
     assert config["encoder"] == "lru" and config["item_tower"] == "features"
+    assert config["mrl_eval_scoring"] == "fused"
     assert model.encoder.__class__.__name__ == "LRUEncoder"
 
 
@@ -266,3 +270,70 @@ def test_export_with_trained_features_is_a_folded_table_and_scores_alike(in_tmp,
         for batch, *_ in test_data:
             expected = nested.full_sort_predict_sizes(batch)[0]
             torch.testing.assert_close(sub.full_sort_predict(batch), expected, rtol=1e-5, atol=1e-5)
+
+
+TOPK_METRICS = ["Recall", "MRR", "NDCG", "Hit", "MAP", "Precision", "ItemCoverage", "TailPercentage"]
+
+
+@pytest.mark.parametrize("block_topk", [False, True], ids=["small-catalogue", "block-topk"])
+def test_fused_and_exact_scoring_give_recbole_metrics_at_every_size(trained, block_topk, monkeypatch):
+    """The fused, row-chunked scores (8 users a chunk, so history masks cross chunk boundaries) and each
+    size's own GEMM both give RecBole's own evaluation of that size, for every top-k metric family."""
+    if block_topk:
+        monkeypatch.setattr(topk_module, "_MIN_ITEMS", 0)
+    result, _ = trained
+    config, model, dataset, *_ = load_data_and_model(result["saved_model_file"])
+    config["metrics"], config["topk"] = TOPK_METRICS, [3, 10]
+    config["eval_batch_size"] = 20 * dataset.item_num  # at least 20 users a batch: 3 chunks or more
+    train_data, _, test_data = data_preparation(config, create_dataset(config))
+    assert len(next(iter(test_data))[0]) >= 20
+    monkeypatch.setattr(evaluate_module, "CHUNK_BYTES", 4 * test_data._dataset.item_num * 8)
+    by_scoring = {}
+    for scoring in ("fused", "exact"):
+        config["mrl_eval_scoring"] = scoring
+        trainer = Trainer(config, model)
+        trainer.eval_collector.data_collect(train_data)
+        by_scoring[scoring] = evaluate_all_sizes(trainer, test_data)
+    for size in SIZES:
+        model.eval_size = size
+        separate = Trainer(config, model)
+        separate.eval_collector.data_collect(train_data)
+        expected = dict(separate.evaluate(test_data, load_best_model=False))
+        assert dict(by_scoring["fused"][size]) == expected
+        assert dict(by_scoring["exact"][size]) == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n_rows=st.integers(1, 9),
+    n_items=st.integers(2, 15),
+    sizes=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    chunk_rows=st.integers(1, 10),
+    data=st.data(),
+)
+def test_fused_size_scores_equal_each_sizes_masked_gemm(n_rows, n_items, sizes, chunk_rows, data):
+    """Every chunk of every size equals ``q[:, :m] @ E[:, :m].T`` with the padding item and the history set
+    to -inf, up to float rounding, whatever the chunking and the order of the history pairs."""
+    sizes = list(itertools.accumulate(sizes))
+    query, items = torch.randn(n_rows, sizes[-1]), torch.randn(n_items, sizes[-1])
+    n_hist = data.draw(st.integers(0, 2 * n_rows))
+    rows = torch.tensor(data.draw(st.lists(st.integers(0, n_rows - 1), min_size=n_hist, max_size=n_hist)))
+    cols = torch.tensor(data.draw(st.lists(st.integers(0, n_items - 1), min_size=n_hist, max_size=n_hist)))
+    history = (rows.long(), cols.long()) if n_hist else None
+    seen = set()
+    for k, r0, scores in fused_size_scores(query, items, sizes, history, chunk_rows):
+        m = sizes[k]
+        expected = query[:, :m] @ items[:, :m].T
+        expected[:, 0] = float("-inf")
+        if history is not None:
+            expected[history] = float("-inf")
+        expected = expected[r0 : r0 + scores.size(0)]
+        assert torch.equal(torch.isinf(scores), torch.isinf(expected))
+        torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+        seen.add((k, r0))
+    assert seen == {(k, r0) for k in range(len(sizes)) for r0 in range(0, n_rows, min(chunk_rows, n_rows))}
+
+
+def test_bad_eval_scoring_is_one_config_error(in_tmp):
+    with pytest.raises(ConfigError, match="mrl_eval_scoring='fast' is not one of fused, exact"):
+        run_recbole_fmrl("fMRLRec", "mm-sample", config_dict={**FAST, "mrl_eval_scoring": "fast"})

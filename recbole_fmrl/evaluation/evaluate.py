@@ -3,8 +3,16 @@
 Each size gets its own copy of the trainer's Collector (so metrics that need training-data statistics work)
 and the same post-processing RecBole's ``Trainer._full_sort_batch_eval`` applies: padding item and, where the
 data loader gives one, the user's history set to -inf before top-k. What does not depend on the size (the
-batch's ground truth) is built once per batch, so each extra size costs one score slice and one top-k (by
-strided blocks, ``topk.py``: the same k largest scores as ``torch.topk``, faster on CPU).
+batch's ground truth) is built once per batch, so each extra size costs its scores and one top-k (by strided
+blocks, ``topk.py``: the same k largest scores as ``torch.topk``, faster on CPU).
+
+``mrl_eval_scoring: fused`` (default) builds the scores as the fused loss does: size k's are size k-1's plus
+one block's partial product, in place, for a chunk of users small enough to stay in a CPU core's cache
+across the sizes, with the -inf masks set once. All sizes then cost about one full-size GEMM. ``exact``
+computes each size's own GEMM, ``q[:, :m] @ E[:, :m].T``, as its export does (about twice the GEMM work for
+doubling sizes). The two sum in another order, equal up to float rounding; a last-bit difference can swap two
+near-tied items in a top-k. Metrics that need every score (``rec.score``, ``rec.meanrank``, labels) take the
+exact path.
 """
 
 from __future__ import annotations
@@ -20,6 +28,10 @@ from recbole_fmrl.errors import ConfigError
 from recbole_fmrl.evaluation.topk import topk_indices
 from recbole_fmrl.model.abstract_recommender import speaks_matryoshka
 
+# Scores of one chunk of users, kept in a core's cache while every size adds its block (2 MiB: 43 users of
+# Beauty's 12,102 items). benchmarks.run --only eval_sizes times the evaluation with it against exact scoring.
+CHUNK_BYTES = 2 * 2**20
+
 
 @torch.no_grad()
 def evaluate_all_sizes(trainer, eval_data, model=None) -> OrderedDict[int, OrderedDict]:
@@ -34,15 +46,26 @@ def evaluate_all_sizes(trainer, eval_data, model=None) -> OrderedDict[int, Order
     model.eval()
     n_items = eval_data._dataset.item_num
     collectors = [_SizeCollector(trainer.eval_collector) for _ in model.mrl_sizes]
-    predict_sizes = model.iter_full_sort_predict_sizes
+    fused = (trainer.config["mrl_eval_scoring"] or "fused") == "fused"
+    fused = fused and not any(c.delegate is not None for c in collectors)
     for interaction, history_index, positive_u, positive_i in eval_data:
         interaction = interaction.to(trainer.device)
+        if fused:
+            query, items = model.score_operands(interaction)
+            positives = _Positives(positive_u, positive_i, (query.size(0), n_items), query.device)
+            chunks = [[] for _ in collectors]  # each size's top-k, chunk by chunk in row order
+            for k, _, scores in fused_size_scores(query, items, model.mrl_sizes, history_index):
+                if collectors[k].wants_topk:
+                    chunks[k].append(topk_indices(scores, collectors[k].k))
+            for collector, parts in zip(collectors, chunks, strict=True):
+                if parts:  # one update per batch: RecBole's Collector concatenates on every call
+                    collector.add_topk(torch.cat(parts), positives)
+            continue
         positives = None
-        for scores, collector in zip(predict_sizes(interaction, reuse=True), collectors, strict=True):
+        sizes = model.iter_full_sort_predict_sizes(interaction, reuse=True)
+        for scores, collector in zip(sizes, collectors, strict=True):
             scores = scores.reshape(-1, n_items)
-            scores[:, 0] = -np.inf
-            if history_index is not None:
-                scores[history_index] = -np.inf
+            _mask(scores, history_index)
             if positives is None:
                 positives = _Positives(positive_u, positive_i, scores.shape, scores.device)
             collector.collect(scores, interaction, positive_u, positive_i, positives)
@@ -50,6 +73,51 @@ def evaluate_all_sizes(trainer, eval_data, model=None) -> OrderedDict[int, Order
     for size, collector in zip(model.mrl_sizes, collectors, strict=True):
         results[size] = trainer.evaluator.evaluate(collector.finish(model))
     return results
+
+
+def _mask(scores: torch.Tensor, history_index, row_offset: int = 0) -> None:
+    """RecBole's full-sort post-processing: the padding item and the users' history items get -inf."""
+    scores[:, 0] = -np.inf
+    if history_index is not None:
+        rows, items = history_index
+        scores[rows.to(scores.device) - row_offset, items.to(scores.device)] = -np.inf
+
+
+def fused_size_scores(query: torch.Tensor, items: torch.Tensor, sizes, history_index=None, chunk_rows=None):
+    """Yield ``(k, first_row, scores)``: size k's masked scores ``[rows, n_items]`` of a chunk of users.
+
+    Every size of a chunk is yielded before the next chunk, and one buffer is reused: each yield is valid
+    until the next is asked for. Size k's scores are size k-1's plus ``query[:, a:b] @ items[:, a:b].T``
+    for its block, added in place, so the -inf masks set before the first block stay (-inf + x = -inf).
+    """
+    n_rows, n_items = query.size(0), items.size(0)
+    if chunk_rows is None:
+        on_cpu = query.device.type == "cpu"
+        chunk_rows = max(8, CHUNK_BYTES // (4 * max(1, n_items))) if on_cpu else n_rows
+    chunk_rows = max(1, min(int(chunk_rows), n_rows))
+    blocks = list(zip([0, *sizes[:-1]], sizes, strict=True))
+    # Contiguous blocks: BLAS multiplies a narrow column slice of a wide matrix several times slower.
+    query_blocks = [query[:, a:b].contiguous() for a, b in blocks]
+    item_blocks = [items[:, a:b].T.contiguous() for a, b in blocks]
+    if history_index is not None:  # each chunk's history pairs, from the rows sorted once
+        rows, hist_items = (t.to(query.device) for t in history_index)
+        order = torch.argsort(rows, stable=True)
+        rows, hist_items = rows[order], hist_items[order]
+    buffer = query.new_empty(chunk_rows, n_items)
+    for r0 in range(0, n_rows, chunk_rows):
+        r1 = min(n_rows, r0 + chunk_rows)
+        scores = buffer[: r1 - r0]
+        for k, (q, e) in enumerate(zip(query_blocks, item_blocks, strict=True)):
+            if k == 0:
+                torch.mm(q[r0:r1], e, out=scores)
+                chunk_history = None
+                if history_index is not None:
+                    lo, hi = torch.searchsorted(rows, rows.new_tensor([r0, r1])).tolist()
+                    chunk_history = (rows[lo:hi], hist_items[lo:hi])
+                _mask(scores, chunk_history, r0)
+            else:
+                scores.addmm_(q[r0:r1], e)
+            yield k, r0, scores
 
 
 class _Positives:
@@ -99,18 +167,23 @@ class _SizeCollector:
             self.delegate = copy.copy(self.collector)  # shares data_struct: writes land in one place
             self.delegate.register = rest
 
+    @property
+    def wants_topk(self) -> bool:
+        return self.need_topk or self.need_items
+
     def collect(self, scores, interaction, positive_u, positive_i, positives: _Positives) -> None:
-        data = self.collector.data_struct
-        if self.need_topk or self.need_items:
-            topk_idx = topk_indices(scores, self.k)
-            if self.need_items:
-                data.update_tensor("rec.items", topk_idx)
-            if self.need_topk:
-                data.update_tensor(
-                    "rec.topk", torch.cat((positives.hits(topk_idx), positives.lengths), dim=1)
-                )
+        if self.wants_topk:
+            self.add_topk(topk_indices(scores, self.k), positives)
         if self.delegate is not None:
             self.delegate.eval_batch_collect(scores, interaction, positive_u, positive_i)
+
+    def add_topk(self, topk_idx: torch.Tensor, positives: _Positives) -> None:
+        """A whole batch's top-k item indices ``[users, k]``, in RecBole's ``rec.items``/``rec.topk`` layout."""
+        data = self.collector.data_struct
+        if self.need_items:
+            data.update_tensor("rec.items", topk_idx)
+        if self.need_topk:
+            data.update_tensor("rec.topk", torch.cat((positives.hits(topk_idx), positives.lengths), dim=1))
 
     def finish(self, model):
         self.collector.model_collect(model)

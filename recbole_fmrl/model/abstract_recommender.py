@@ -2,7 +2,7 @@
 
 A nested model has sizes m_1 < ... < m_K = D (``mrl_sizes``) and serves ``eval_size`` through RecBole's
 ``full_sort_predict``/``predict``. It yields its scores at every size from one encoder pass
-(``iter_full_sort_predict_sizes``), cuts itself to a prefix of sizes in place (``slice_``, used by the
+(``score_operands``, ``iter_full_sort_predict_sizes``), cuts itself to a prefix of sizes in place (``slice_``, used by the
 sub-model export), and says which config keys rebuild that smaller model (``submodel_config``). The
 evaluator, the exporter and the cost report rely on this protocol only.
 """
@@ -15,14 +15,16 @@ import torch
 from torch import nn
 
 from recbole_fmrl.errors import ConfigError
-from recbole_fmrl.model.layers.matryoshka import nesting_from_config
+from recbole_fmrl.model.layers.matryoshka import iter_size_scores, nesting_from_config
+
+EVAL_SCORINGS = ("fused", "exact")  # how the all-sizes evaluator builds each size's scores (mrl_eval_scoring)
 
 
 class MatryoshkaRecommender:
     """Mixin for a RecBole recommender whose every prefix of size m_k is itself a complete model.
 
     ``SIZE_KEY`` names the config key of D (``hidden_size`` for fMRLRec, ``embedding_size`` for MRL4Rec).
-    Subclasses implement ``iter_full_sort_predict_sizes``; everything else here is shared.
+    Subclasses implement ``score_operands``; everything else here is shared.
     """
 
     SIZE_KEY = "hidden_size"
@@ -31,6 +33,12 @@ class MatryoshkaRecommender:
     def check_config(cls, config) -> None:
         """Fail on a bad value before any data is loaded (the plugin's Config calls this); extend it."""
         nesting_from_config(config, cls.SIZE_KEY)
+        scoring = config["mrl_eval_scoring"]
+        if scoring is not None and scoring not in EVAL_SCORINGS:
+            raise ConfigError(
+                f"mrl_eval_scoring={scoring!r} is not one of {', '.join(EVAL_SCORINGS)} (fused: each size adds "
+                "one block to the last size's scores; exact: each size's own GEMM, as its export computes it)."
+            )
 
     def init_nesting(self, config) -> None:
         """Check ``config``, then read D, the sizes, eval_size and loss weights (errors name the keys)."""
@@ -56,11 +64,17 @@ class MatryoshkaRecommender:
             "eval_size": self.eval_size if self.eval_size in kept else size,
         }
 
-    def iter_full_sort_predict_sizes(self, interaction, reuse: bool = False) -> Iterator[torch.Tensor]:
-        """Scores over all items at each size in turn, ``[B, n_items]``, from one encoder pass; with
-        ``reuse``, one buffer overwritten per size (a consumer that is done with each size before the next,
-        such as the evaluator, saves an allocation per size)."""
+    def score_operands(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full-size query ``[B, D]`` and item ``[n_items, D]`` representations of one encoder pass:
+        size m's scores are ``query[:, :m] @ items[:, :m].T``. Subclasses implement this."""
         raise NotImplementedError
+
+    def iter_full_sort_predict_sizes(self, interaction, reuse: bool = False) -> Iterator[torch.Tensor]:
+        """Scores over all items at each size in turn, ``[B, n_items]``, from one encoder pass, as each
+        size's export computes them; with ``reuse``, one buffer overwritten per size (a consumer that is done
+        with each size before the next saves an allocation per size)."""
+        query, items = self.score_operands(interaction)
+        yield from iter_size_scores(query, items, self.mrl_sizes, reuse)
 
     def full_sort_predict_sizes(self, interaction) -> torch.Tensor:
         """Scores over all items at every size, ``[K, B, n_items]``."""

@@ -17,7 +17,6 @@ from torch.nn import functional as F
 
 from recbole_fmrl.errors import ConfigError
 from recbole_fmrl.model.abstract_recommender import MatryoshkaRecommender, require_int, slice_embedding
-from recbole_fmrl.model.layers.matryoshka import iter_size_scores
 
 NEG_MODES = ("mns", "rns", "dns")
 DENSE_LOOKUP_CELLS = 1 << 28  # 256 MB of booleans
@@ -174,9 +173,9 @@ class MRL4Rec(MatryoshkaRecommender, GeneralRecommender):
         ) / 2
         return bpr + self.reg_weight * reg / len(users)
 
-    def iter_full_sort_predict_sizes(self, interaction, reuse: bool = False):
+    def score_operands(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
         user_all, item_all = self._representations()
-        yield from iter_size_scores(user_all[interaction[self.USER_ID]], item_all, self.mrl_sizes, reuse)
+        return user_all[interaction[self.USER_ID]], item_all
 
     def full_sort_predict(self, interaction) -> torch.Tensor:
         user_all, item_all = self._representations()

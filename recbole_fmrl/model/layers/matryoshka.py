@@ -176,9 +176,10 @@ def iter_nested_scores(query: torch.Tensor, items: torch.Tensor, sizes: Sequence
 def iter_size_scores(query: torch.Tensor, items: torch.Tensor, sizes: Sequence[int], reuse: bool = False):
     """Yield each size's scores as its exported model computes them: ``query[:, :m] @ items[:, :m].T``.
 
-    For evaluation and serving. The fused sum in ``iter_nested_scores`` adds in another order, and a last-bit
-    difference can swap two near-tied items; this gives the standalone size-m model's scores bit for bit
-    (same GEMM shape) at a cost of at most twice one full-size GEMM for doubling sizes.
+    For serving and ``mrl_eval_scoring: exact``. The fused sum (``iter_nested_scores``, and the evaluator's
+    default) adds in another order, and a last-bit difference can swap two near-tied items; this computes
+    what the standalone size-m model computes (the same GEMM shape) at a cost of at most twice one full-size
+    GEMM for doubling sizes.
 
     ``reuse``: yield one ``[P, n_items]`` buffer, overwritten for each size (so each yield is valid until the
     next is asked for). A fresh score matrix per size costs its page faults, on CPU as much as a small GEMM.

@@ -20,7 +20,6 @@ from recbole_fmrl.model.layers.item_tower import (  # noqa: F401  (FeatureMismat
     QARMItemTower,
 )
 from recbole_fmrl.model.layers.lru import LRUEncoder
-from recbole_fmrl.model.layers.matryoshka import iter_size_scores
 from recbole_fmrl.model.layers.nested_loss import nested_cross_entropy
 from recbole_fmrl.model.layers.packed import PackedEncoder
 from recbole_fmrl.trainer import SCHEDULES
@@ -194,9 +193,8 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
             keys.update({"modalities": [], "use_id_embedding": True})
         return keys
 
-    def iter_full_sort_predict_sizes(self, interaction, reuse: bool = False):
-        query, items = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        yield from iter_size_scores(query, items, self.mrl_sizes, reuse)
+    def score_operands(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
 
     def full_sort_predict(self, interaction) -> torch.Tensor:
         query, items = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
