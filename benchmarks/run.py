@@ -379,8 +379,10 @@ def bench_eval_sizes(args) -> dict:
     exact = _median_time(lambda: evaluate_all_sizes(trainer, test), args.repeats)
     config["mrl_eval_scoring"] = "fused"
     sizes, model.mrl_sizes = model.mrl_sizes, model.mrl_sizes[-1:]  # the full size alone, same evaluator
-    own_one = _median_time(lambda: evaluate_all_sizes(trainer, test), args.repeats)
-    model.mrl_sizes = sizes
+    try:
+        own_one = _median_time(lambda: evaluate_all_sizes(trainer, test), args.repeats)
+    finally:
+        model.mrl_sizes = sizes
     costs = size_costs(model, test, config["device"])
     topk = _topk_times(model, test, config, args.repeats)
     return {

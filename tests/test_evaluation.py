@@ -337,3 +337,18 @@ def test_fused_size_scores_equal_each_sizes_masked_gemm(n_rows, n_items, sizes, 
 def test_bad_eval_scoring_is_one_config_error(in_tmp):
     with pytest.raises(ConfigError, match="mrl_eval_scoring='fast' is not one of fused, exact"):
         run_recbole_fmrl("fMRLRec", "mm-sample", config_dict={**FAST, "mrl_eval_scoring": "fast"})
+
+
+def test_metrics_that_need_every_score_take_the_exact_path(trained, monkeypatch):
+    """GAUC needs rec.meanrank (every score), so the fused chunks are never used for it."""
+    result, _ = trained
+    config, model, _, train_data, _, test_data = load_data_and_model(result["saved_model_file"])
+    config["metrics"], config["mrl_eval_scoring"] = ["GAUC", "NDCG"], "fused"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fused scores used for a metric that needs every score")
+
+    monkeypatch.setattr(evaluate_module, "fused_size_scores", refuse)
+    trainer = Trainer(config, model)
+    trainer.eval_collector.data_collect(train_data)
+    assert "gauc" in evaluate_all_sizes(trainer, test_data)[SIZES[0]]
