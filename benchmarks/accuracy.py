@@ -3,6 +3,7 @@
     python -m benchmarks.accuracy [--dataset=amazon-beauty] [--data_path=../shared/datasets]
         [--variants=SASRec,fMRLRec,fMRLRec-id,LRURec-id,...] [--points=4] [--budget=60] [--epochs=200]
         [--stopping_step=5] [--threads=2] [--jobs=1] [--grid_points=K,VARIANT:K] [--out=DIR]
+        [--continue_from=DIR]
 
 Every variant gets the same tuning budget: the first ``--points`` points of its grid (lr x dropout x batch
 size, the defaults first), each trained with early stopping on valid NDCG@10 (patience ``--stopping_step``)
@@ -13,7 +14,10 @@ commands sharing ``--out``, which a rerun over all of them then summarises). Eac
 process, through the same entry, split and evaluation as a user's run. Writes ``<out>/<variant>-<k>.json`` per point
 (config, epochs, what stopped it, wall time, valid history, test metrics, test metrics of every nesting size)
 and ``<out>/summary.json`` + ``summary.md`` (the best-on-valid point of each variant, beside the paper's).
-``--out`` defaults to the git-ignored ``benchmarks/runs/accuracy-<UTC time>``.
+``--out`` defaults to the git-ignored ``benchmarks/runs/accuracy-<UTC time>``. ``--continue_from=DIR``
+trains the points that DIR's run stopped by its budget on from their best checkpoint (RecBole's resume) for
+``--budget`` more minutes, writing the joined record (both runs' epochs and time) to ``--out``; points that
+had converged are copied as they were.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +166,54 @@ def summarise(results: list[dict], dataset: str) -> tuple[dict, str]:
     return summary, "\n".join(lines) + "\n"
 
 
+def _earlier_result(parser: argparse.ArgumentParser, source: Path, variant: str, k: int) -> dict:
+    path = source / f"{variant}-{k}.json"
+    if not path.is_file():
+        parser.error(f"--continue_from={source}: it has no {path.name}; train that point there first")
+    return json.loads(path.read_text())
+
+
+def _resume_spec(earlier: dict, out: Path) -> dict:
+    """Train on from a copy of the earlier run's best checkpoint, so that run's files stay as they were."""
+    checkpoint = Path(earlier["saved_model_file"])
+    if not checkpoint.is_absolute():
+        checkpoint = ROOT / checkpoint
+    if not checkpoint.is_file():
+        raise SystemExit(
+            f"{earlier['variant']} point {earlier['point']}: its checkpoint {checkpoint} is gone"
+        )
+    copy = out / "saved" / checkpoint.name
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(checkpoint, copy)
+    return {"resume_file": str(copy), "trust_resume_file": True}
+
+
+def continued_result(earlier: dict, later: dict) -> dict:
+    """One point's record over both runs: the history up to the checkpoint it resumed from, then the new one.
+
+    RecBole saves the best epoch only, so the epochs the first run spent after it are trained again (their
+    time stays counted in ``train_seconds``, which is the total of both runs).
+    """
+    kept = earlier["valid_history"][: earlier["best_epoch"] + 1]
+    history = kept + later["valid_history"]
+    best_epoch = max(range(len(history)), key=history.__getitem__)
+    merged = {
+        **later,
+        "valid_history": history,
+        "best_epoch": best_epoch,
+        "train_seconds": round(earlier["train_seconds"] + later["train_seconds"], 3),
+        "wall_seconds": round(earlier["wall_seconds"] + later["wall_seconds"], 1),
+        "continued": {
+            "resumed_after_epoch": earlier["best_epoch"],
+            "first_run": {k: earlier[k] for k in ("epochs", "stopped_by", "train_seconds", "config")},
+        },
+    }
+    if later.get("best_valid_result") is None:  # no better epoch than the checkpoint's: its results stand
+        merged["best_valid_result"] = earlier["best_valid_result"]
+        merged["best_valid_score"] = earlier["best_valid_score"]
+    return merged
+
+
 def _picked_points(parser: argparse.ArgumentParser, args, variants: list[str]) -> dict[str, list[int]] | None:
     """``--grid_points`` as each variant's grid indices, or None (use ``--points``).
 
@@ -208,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         help="grid indices to train, e.g. 1,2 or SASRec:1,fMRLRec:2 (not --points)",
     )
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--continue_from",
+        default=None,
+        help="a finished run's folder: its budget-stopped points train on from their best checkpoint, which "
+        "this harness saved there and which is loaded as trusted (pickled), for --budget more minutes",
+    )
     args = parser.parse_args(argv)
 
     from recbole_fmrl.benchmark import run_in_subprocess
@@ -218,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variants {unknown}: choose from {list(VARIANTS)}")
     picked = _picked_points(parser, args, variants)
     out = Path(args.out) if args.out else RUNS / time.strftime("accuracy-%Y%m%d-%H%M%S", time.gmtime())
+    source = Path(args.continue_from) if args.continue_from else None
+    if source is not None and source.resolve() == out.resolve():
+        parser.error("--continue_from and --out must differ: the budget-stopped results stay as they were")
     out.mkdir(parents=True, exist_ok=True)
     results, todo = [], []
     for variant in variants:
@@ -227,18 +289,29 @@ def main(argv: list[str] | None = None) -> int:
             target = out / f"{variant}-{k}.json"
             if target.is_file():  # a rerun resumes: finished points are kept, not retrained
                 results.append(json.loads(target.read_text()))
-            else:
-                todo.append((variant, k, point, target))
+                continue
+            earlier = None
+            if source is not None:
+                earlier = _earlier_result(parser, source, variant, k)
+                if earlier["stopped_by"] != "time_budget":  # converged or out of epochs: nothing to continue
+                    atomic_write_bytes(target, (json.dumps(earlier, indent=2) + "\n").encode())
+                    results.append(earlier)
+                    continue
+            todo.append((variant, k, point, target, earlier))
 
     def train(job) -> dict:
-        variant, k, point, target = job
+        variant, k, point, target, earlier = job
         spec = _spec(args, variant, k, point, out)
-        print(f"{variant} point {k}: {point}", flush=True)
+        if earlier is not None:
+            spec.update(_resume_spec(earlier, out))
+        print(f"{variant} point {k}: {point}" + (f", continued from {source}" if earlier else ""), flush=True)
         result = run_in_subprocess(spec, cwd=ROOT)
         if "error" in result:
             print(f"{variant} point {k} failed:\n{result['stderr']}", file=sys.stderr)
             return {}
         result = {**spec, **result}
+        if earlier is not None:
+            result = continued_result(earlier, result)
         atomic_write_bytes(target, (json.dumps(result, indent=2) + "\n").encode())
         test = result["test_result"]
         print(

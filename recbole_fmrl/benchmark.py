@@ -74,6 +74,8 @@ def run_model(spec: dict) -> dict:
         config_dict=spec["config"],
         saved=True,
         cli_args=[],
+        resume_file=spec.get("resume_file"),
+        trust=bool(spec.get("trust_resume_file")),
     )
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -31,10 +31,15 @@ def run_recbole_fmrl(
     config_dict: dict | None = None,
     saved: bool = True,
     cli_args: list[str] | None = None,
+    resume_file: str | None = None,
+    trust: bool = False,
 ) -> dict:
     """Train and test ``model`` on ``dataset``; returns RecBole's result dict.
 
     ``cli_args`` stands for the command line RecBole's Config reads (default: ``sys.argv[1:]``).
+    ``resume_file``: a checkpoint RecBole's trainer saved for this model; training continues from its epoch,
+    weights, optimizer state and early-stopping count (RecBole's ``resume_checkpoint``), and the best model
+    it finds is saved over that file. It is pickled, so it loads only with ``trust`` (or when trusted).
     """
     config = Config(
         model=model,
@@ -61,6 +66,8 @@ def run_recbole_fmrl(
 
     by_size = speaks_matryoshka(model) and _full_ranking(test_data, logger)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    if resume_file is not None:
+        _resume(trainer, config, resume_file, trust)
     clock = TrainingClock(config["time_budget"])
     try:
         trainer.fit(
@@ -156,6 +163,22 @@ class TrainingClock:
             "train_seconds": self.train_seconds,
             "valid_history": [score for _, score in self.history],
         }
+
+
+def _resume(trainer, config, resume_file: str, trust: bool) -> None:
+    """RecBole's ``resume_checkpoint``, after checking that the file is this model's training checkpoint."""
+    checkpoint, portable = read_checkpoint(resume_file, trust)
+    if portable:
+        raise ConfigError(
+            f"{resume_file} is an exported sub-model, which keeps no optimizer state: resume from the .pth "
+            "file the trainer saved in checkpoint_dir."
+        )
+    saved_model = checkpoint["config"]["model"]
+    if str(saved_model).lower() != str(config["model"]).lower():
+        raise ConfigError(
+            f"{resume_file} is a {saved_model} checkpoint, not {config['model']}: resume with --model={saved_model}."
+        )
+    trainer.resume_checkpoint(resume_file)
 
 
 def _full_ranking(test_data, logger) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 from conftest import FAST
@@ -175,3 +176,74 @@ def test_accuracy_variants_pin_their_item_tower_whatever_the_cpu_profile_says():
     assert towers["fMRLRec-id"] == (False, True, True)
     assert towers["fMRLRec-frozen-id"] == (True, True, True)
     assert towers["LRURec-id"][1:] == (True, False)
+
+
+def test_accuracy_continue_from_trains_budget_stopped_points_on_and_keeps_the_rest(
+    tmp_path, monkeypatch, capsys
+):
+    from benchmarks import accuracy
+
+    first, later = tmp_path / "first", tmp_path / "later"
+    checkpoint = first / "saved" / "SASRec.pth"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"weights")
+    record = {"test_result": {"ndcg@10": 0.02, "recall@10": 0.04}, "saved_model_file": str(checkpoint)}
+    # SASRec: stopped by the budget after 4 epochs, its best (saved) epoch 2; fMRLRec: converged.
+    (first / "SASRec-1.json").write_text(json.dumps({
+        **record, "variant": "SASRec", "point": 1, "config": {}, "epochs": 4, "best_epoch": 2,
+        "stopped_by": "time_budget", "train_seconds": 100.0, "wall_seconds": 110.0, "best_valid_score": 0.3,
+        "best_valid_result": {"ndcg@10": 0.3}, "valid_history": [0.1, 0.2, 0.3, 0.25],
+    }))  # fmt: skip
+    converged = {
+        **record, "variant": "fMRLRec", "point": 0, "config": {}, "epochs": 9, "best_epoch": 3,
+        "stopped_by": "early_stopping", "train_seconds": 50.0, "wall_seconds": 60.0, "best_valid_score": 0.5,
+        "best_valid_result": {"ndcg@10": 0.5}, "valid_history": [0.5] * 9,
+    }  # fmt: skip
+    (first / "fMRLRec-0.json").write_text(json.dumps(converged))
+    asked = []
+
+    def fake_run(spec, cwd=None):
+        asked.append(spec)
+        assert Path(spec["resume_file"]).read_bytes() == b"weights" and spec["trust_resume_file"]
+        return {
+            "best_valid_score": 0.4, "best_valid_result": {"ndcg@10": 0.4}, "test_result": record["test_result"],
+            "epochs": 7, "best_epoch": 4, "stopped_by": "early_stopping", "train_seconds": 30.0,
+            "wall_seconds": 31.0, "valid_history": [0.26, 0.4, 0.35, 0.3],
+        }  # fmt: skip
+
+    monkeypatch.setattr(benchmark, "run_in_subprocess", fake_run)
+    argv = ["--variants=SASRec,fMRLRec", "--grid_points=SASRec:1,fMRLRec:0", f"--continue_from={first}"]
+    assert accuracy.main([*argv, f"--out={later}"]) == 0
+    assert [spec["variant"] for spec in asked] == ["SASRec"]  # the converged point is not trained again
+    assert Path(asked[0]["resume_file"]).parent == later / "saved"  # a copy: the first run's file stays
+    sasrec = json.loads((later / "SASRec-1.json").read_text())
+    # Epochs 0-2 from the first run (up to its checkpoint), then 3-6 trained now; times add up.
+    assert sasrec["valid_history"] == [0.1, 0.2, 0.3, 0.26, 0.4, 0.35, 0.3]
+    assert sasrec["best_epoch"] == 4 and sasrec["epochs"] == 7 and sasrec["train_seconds"] == 130.0
+    assert sasrec["continued"]["resumed_after_epoch"] == 2
+    assert sasrec["continued"]["first_run"]["stopped_by"] == "time_budget"
+    assert json.loads((later / "fMRLRec-0.json").read_text()) == converged
+    assert (first / "SASRec-1.json").is_file() and checkpoint.read_bytes() == b"weights"
+    with pytest.raises(SystemExit):
+        accuracy.main([*argv, f"--out={first}"])
+    assert "--continue_from and --out must differ" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        accuracy.main(["--variants=SASRec", "--grid_points=0", f"--continue_from={first}", f"--out={later}"])
+    assert "it has no SASRec-0.json" in capsys.readouterr().err
+
+
+def test_a_continued_point_without_a_better_epoch_keeps_its_checkpoint_results():
+    from benchmarks.accuracy import continued_result
+
+    earlier = {
+        "valid_history": [0.1, 0.3, 0.2], "best_epoch": 1, "train_seconds": 10.0, "wall_seconds": 11.0,
+        "epochs": 3, "stopped_by": "time_budget", "config": {}, "best_valid_score": 0.3,
+        "best_valid_result": {"ndcg@10": 0.3},
+    }  # fmt: skip
+    later = {
+        "valid_history": [0.25, 0.28], "best_epoch": 3, "train_seconds": 5.0, "wall_seconds": 6.0,
+        "best_valid_score": 0.3, "best_valid_result": None, "stopped_by": "early_stopping",
+    }  # fmt: skip
+    merged = continued_result(earlier, later)
+    assert merged["best_epoch"] == 1 and merged["best_valid_result"] == {"ndcg@10": 0.3}
+    assert merged["valid_history"] == [0.1, 0.3, 0.25, 0.28]

@@ -93,3 +93,42 @@ def test_qarm_cpu_profile_keeps_its_measured_tower_without_ids():
     auto = Config("QARMRec", "mm-sample", config_dict={"state": "WARNING", "use_gpu": False})
     assert auto["hidden_size"] == 256 and auto["freeze_features"] is True
     assert auto["use_id_embedding"] is False
+
+
+def test_resume_file_trains_on_from_a_checkpoint_and_refuses_the_wrong_ones(in_tmp):
+    import shutil
+
+    import torch
+
+    from recbole_fmrl.errors import CheckpointError, ConfigError
+    from recbole_fmrl.submodel.checkpoint import FORMAT
+
+    config = {**FAST, "checkpoint_dir": str(in_tmp / "saved")}
+    first = run_recbole_fmrl("BPR", "mm-sample", config_dict=config, cli_args=[])
+    copy = in_tmp / "elsewhere.pth"  # not the file this process wrote: pickled, so it needs trust
+    shutil.copyfile(first["saved_model_file"], copy)
+    with pytest.raises(CheckpointError, match="--trust"):
+        run_recbole_fmrl("BPR", "mm-sample", config_dict=config, cli_args=[], resume_file=str(copy))
+    with pytest.raises(ConfigError, match="is a BPR checkpoint, not NeuMF: resume with --model=BPR"):
+        run_recbole_fmrl(
+            "NeuMF", "mm-sample", config_dict=config, cli_args=[], resume_file=str(copy), trust=True
+        )
+    exported = in_tmp / "exported.pth"  # a portable sub-model keeps no optimizer state
+    torch.save(
+        {"format": FORMAT, "model": "MRL4Rec", "dataset": "mm-sample", "config": {}, "state_dict": {}},
+        exported,
+    )
+    with pytest.raises(ConfigError, match="exported sub-model, which keeps no optimizer state"):
+        run_recbole_fmrl("MRL4Rec", "mm-sample", config_dict=config, cli_args=[], resume_file=str(exported))
+
+    later = run_recbole_fmrl(
+        "BPR",
+        "mm-sample",
+        config_dict={**config, "epochs": 3},
+        cli_args=[],
+        resume_file=str(copy),
+        trust=True,
+    )
+    # Epoch 0 came from the checkpoint: epochs 1 and 2 are the ones trained now, and the best is saved over it.
+    assert later["epochs"] == 3 and len(later["valid_history"]) == 2
+    assert later["saved_model_file"] == str(copy)
