@@ -64,7 +64,7 @@ def test_gradient_scales_with_the_upstream_gradient_and_flows_to_one_input():
 
 
 def test_target_with_underflowing_probability_stays_finite_and_exact():
-    """A target 200 logits below the best has probability 0 in float32: its loss comes from logsumexp."""
+    """A target 200 logits below the best has probability 0 in float32: its loss comes from the best's."""
     query = torch.tensor([[10.0, 10.0], [1.0, 0.0]])
     items = torch.tensor([[10.0, 10.0], [-10.0, 0.0], [0.5, 0.5]])
     targets, weights = torch.tensor([1, 2]), torch.tensor([0.25, 0.75])
@@ -72,6 +72,25 @@ def test_target_with_underflowing_probability_stays_finite_and_exact():
     ref = nested_cross_entropy_reference(query, items, targets, [1, 2], weights)
     assert torch.isfinite(fused) and fused.item() > 50
     torch.testing.assert_close(fused, ref)
+
+
+def test_rows_that_mostly_underflow_match_the_reference_in_every_chunk():
+    """Wide random scores (an untrained D=1024 model's): most targets' probabilities are 0 in float32."""
+    torch.manual_seed(0)
+    query = (4 * torch.randn(50, 64)).requires_grad_()
+    items = (4 * torch.randn(300, 64)).requires_grad_()
+    targets, sizes, weights = torch.randint(0, 300, (50,)), [8, 16, 64], torch.tensor([0.2, 0.3, 0.5])
+    with torch.no_grad():
+        probs = torch.softmax(query @ items.T, dim=1)
+    assert (probs[torch.arange(50), targets] < 1e-30).float().mean() > 0.5
+    fused = nested_cross_entropy(query, items, targets, sizes, weights, chunk_size=7)
+    fused.backward()
+    grads = query.grad.clone(), items.grad.clone()
+    query.grad = items.grad = None
+    ref = nested_cross_entropy_reference(query, items, targets, sizes, weights)
+    ref.backward()
+    torch.testing.assert_close(fused, ref)
+    torch.testing.assert_close(grads, (query.grad, items.grad))
 
 
 def test_scratch_is_bounded_whatever_the_number_of_sizes_or_rows():
