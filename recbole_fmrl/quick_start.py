@@ -80,6 +80,10 @@ def run_recbole_fmrl(
         )
     clock.stop()
     best_valid_score, best_valid_result = trainer.best_valid_score, trainer.best_valid_result
+    if best_valid_result is None and resume_file is not None:  # no better epoch than the checkpoint's
+        best_valid_result = trainer.evaluate(
+            valid_data, load_best_model=saved, show_progress=config["show_progress"]
+        )
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
     if by_size:

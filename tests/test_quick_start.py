@@ -132,3 +132,13 @@ def test_resume_file_trains_on_from_a_checkpoint_and_refuses_the_wrong_ones(in_t
     # Epoch 0 came from the checkpoint: epochs 1 and 2 are the ones trained now, and the best is saved over it.
     assert later["epochs"] == 3 and len(later["valid_history"]) == 2
     assert later["saved_model_file"] == str(copy)
+    # Nothing left to train (its epochs are done): the checkpoint's valid results are still reported.
+    done = run_recbole_fmrl(
+        "BPR",
+        "mm-sample",
+        config_dict={**config, "epochs": 1},
+        cli_args=[],
+        resume_file=str(copy),
+        trust=True,
+    )
+    assert done["valid_history"] == [] and done["best_valid_result"]["ndcg@10"] >= 0
