@@ -121,24 +121,16 @@ def test_resume_file_trains_on_from_a_checkpoint_and_refuses_the_wrong_ones(in_t
     with pytest.raises(ConfigError, match="exported sub-model, which keeps no optimizer state"):
         run_recbole_fmrl("MRL4Rec", "mm-sample", config_dict=config, cli_args=[], resume_file=str(exported))
 
-    later = run_recbole_fmrl(
-        "BPR",
-        "mm-sample",
-        config_dict={**config, "epochs": 3},
-        cli_args=[],
-        resume_file=str(copy),
-        trust=True,
-    )
-    # Epoch 0 came from the checkpoint: epochs 1 and 2 are the ones trained now, and the best is saved over it.
+    def resume(epochs: int) -> dict:
+        extra = {**config, "epochs": epochs}
+        return run_recbole_fmrl(
+            "BPR", "mm-sample", config_dict=extra, cli_args=[], resume_file=str(copy), trust=True
+        )
+
+    later = resume(3)
+    # Epoch 0 came from the checkpoint: epochs 1 and 2 are the ones trained now; the best model stays in that file.
     assert later["epochs"] == 3 and len(later["valid_history"]) == 2
     assert later["saved_model_file"] == str(copy)
     # Nothing left to train (its epochs are done): the checkpoint's valid results are still reported.
-    done = run_recbole_fmrl(
-        "BPR",
-        "mm-sample",
-        config_dict={**config, "epochs": 1},
-        cli_args=[],
-        resume_file=str(copy),
-        trust=True,
-    )
+    done = resume(1)
     assert done["valid_history"] == [] and done["best_valid_result"]["ndcg@10"] >= 0
