@@ -100,6 +100,13 @@ def _target_nll(scores: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, t
     return nll.sum()
 
 
+def _empty_but(like: torch.Tensor, zero_columns: list[tuple[int, int]]) -> torch.Tensor:
+    out = torch.empty_like(like)
+    for a, b in zero_columns:
+        out[:, a:b] = 0
+    return out
+
+
 class _NestedCrossEntropy(torch.autograd.Function):
     """Gradients are computed in the forward pass (the loss is a scalar) and scaled in ``backward``."""
 
@@ -111,8 +118,11 @@ class _NestedCrossEntropy(torch.autograd.Function):
         chunk = min(chunk, n_rows)
         starts = [0, *sizes[:-1]]
         blocks = list(zip(starts, sizes, strict=True))
-        grad_q = torch.zeros_like(query) if want_q else None
-        grad_e = torch.zeros_like(items) if want_e else None
+        # Each block's gradient columns are written by the first chunk's GEMM (beta=0) and accumulated after,
+        # so only the columns no size's loss reaches (all their weights 0) need zeros: no full zero fill.
+        unreached = [(a, b) for k, (a, b) in enumerate(blocks) if not any(scales[k:])]
+        grad_q = _empty_but(query, unreached) if want_q else None
+        grad_e = _empty_but(items, unreached) if want_e else None
         scores = query.new_empty(chunk, n_items)
         probs = query.new_empty(len(sizes), chunk, n_items)  # softmax of each size, kept for the gradients
         total = query.new_zeros(())
@@ -163,10 +173,10 @@ class _NestedCrossEntropy(torch.autograd.Function):
                 if want_q:
                     grad_q[r0:r1, a:b].addmm_(h, items[:, a:b], beta=0)
                 if want_e:
-                    grad_e[:, a:b].addmm_(h.T, q[:, a:b])
+                    grad_e[:, a:b].addmm_(h.T, q[:, a:b], beta=0 if r0 == 0 else 1)
         if want_e:
             for k, acc in grad_e_narrow.items():
-                grad_e[:, narrow[k]] += acc
+                grad_e[:, narrow[k]] = acc
         ctx.grads = (grad_q, grad_e)  # plain attributes, so backward can hand them over without a copy
         return total
 
