@@ -162,3 +162,17 @@ def test_second_backward_is_a_clear_error():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="supports one backward pass"):
         loss.backward()
+
+
+def test_large_item_matrices_skip_the_transposed_copy_and_match_the_reference(monkeypatch):
+    from recbole_fmrl.model.layers import nested_loss
+
+    monkeypatch.setattr(nested_loss, "TRANSPOSE_BYTES", 0)  # every item matrix counts as large here
+    torch.manual_seed(1)
+    query, items = torch.randn(20, 24, requires_grad=True), torch.randn(50, 24, requires_grad=True)
+    targets, sizes, weights = torch.randint(0, 50, (20,)), [8, 16, 24], torch.tensor([0.2, 0.3, 0.5])
+    nested_cross_entropy(query, items, targets, sizes, weights, chunk_size=6).backward()
+    grads = query.grad.clone(), items.grad.clone()
+    query.grad = items.grad = None
+    nested_cross_entropy_reference(query, items, targets, sizes, weights).backward()
+    torch.testing.assert_close(grads, (query.grad, items.grad))
