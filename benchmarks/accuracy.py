@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from recbole_fmrl.fileio import atomic_write_bytes
+from recbole_fmrl.fileio import atomic_write, atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "benchmarks" / "runs"
@@ -182,9 +182,7 @@ def _resume_spec(earlier: dict, out: Path) -> dict:
         raise SystemExit(
             f"{earlier['variant']} point {earlier['point']}: its checkpoint {checkpoint} is gone"
         )
-    copy = out / "saved" / checkpoint.name
-    copy.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(checkpoint, copy)
+    copy = atomic_write(out / "saved" / checkpoint.name, lambda tmp: shutil.copyfile(checkpoint, tmp))
     return {"resume_file": str(copy), "trust_resume_file": True}
 
 
@@ -297,13 +295,13 @@ def main(argv: list[str] | None = None) -> int:
                     atomic_write_bytes(target, (json.dumps(earlier, indent=2) + "\n").encode())
                     results.append(earlier)
                     continue
-            todo.append((variant, k, point, target, earlier))
+            # The checkpoint is copied now: a missing one stops the command before any point trains.
+            resume = _resume_spec(earlier, out) if earlier is not None else {}
+            todo.append((variant, k, point, target, earlier, resume))
 
     def train(job) -> dict:
-        variant, k, point, target, earlier = job
-        spec = _spec(args, variant, k, point, out)
-        if earlier is not None:
-            spec.update(_resume_spec(earlier, out))
+        variant, k, point, target, earlier, resume = job
+        spec = {**_spec(args, variant, k, point, out), **resume}
         print(f"{variant} point {k}: {point}" + (f", continued from {source}" if earlier else ""), flush=True)
         result = run_in_subprocess(spec, cwd=ROOT)
         if "error" in result:

@@ -170,7 +170,11 @@ class TrainingClock:
 
 
 def _resume(trainer, config, resume_file: str, trust: bool) -> None:
-    """RecBole's ``resume_checkpoint``, after checking that the file is this model's training checkpoint."""
+    """RecBole's ``resume_checkpoint``, after checking that the file is this model's training checkpoint.
+
+    The file is read twice (here, then by RecBole), once per run: cheaper to keep than a copy of RecBole's
+    resume logic.
+    """
     checkpoint, portable = read_checkpoint(resume_file, trust)
     if portable:
         raise ConfigError(

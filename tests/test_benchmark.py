@@ -230,6 +230,10 @@ def test_accuracy_continue_from_trains_budget_stopped_points_on_and_keeps_the_re
     with pytest.raises(SystemExit):
         accuracy.main(["--variants=SASRec", "--grid_points=0", f"--continue_from={first}", f"--out={later}"])
     assert "it has no SASRec-0.json" in capsys.readouterr().err
+    checkpoint.unlink()  # a missing checkpoint stops the command before anything trains
+    with pytest.raises(SystemExit, match="its checkpoint .* is gone"):
+        accuracy.main([*argv, f"--out={tmp_path / 'third'}"])
+    assert len(asked) == 1
 
 
 def test_a_continued_point_without_a_better_epoch_keeps_its_checkpoint_results():

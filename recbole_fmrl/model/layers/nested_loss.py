@@ -22,7 +22,8 @@ from recbole_fmrl.model.layers.matryoshka import MatryoshkaSizeError, iter_neste
 CHUNK_BYTES = 128 * 2**20  # scratch of the fused loss: (K + 1) score/probability buffers of [chunk, items]
 MIN_CHUNK, MAX_CHUNK = 16, 1024
 # Item matrices up to this size are transposed once for faster forward GEMMs. Above it the copy costs more
-# than it saves: at D=1024 on 12,101 items (50 MB) the step was 1-13% faster without it (three 2-thread runs).
+# than it saves: at D=1024 on 12,101 items (50 MB) the step was as fast or faster without it (interleaved
+# 2-thread comparisons; the benchmark's own runs do not separate the two).
 TRANSPOSE_BYTES = 16 * 2**20
 # Blocks narrower than this get contiguous copies of their operands and outputs: BLAS runs a [rows, items] x
 # [items, 8] product on a column slice of a wide matrix 4-8x slower than on a contiguous copy (measured).
