@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,9 +11,11 @@ from hypothesis import strategies as st
 
 from recbole_fmrl.config import Config
 from recbole_fmrl.errors import ConfigError
+from recbole_fmrl.model.layers import nested_loss
 from recbole_fmrl.model.layers.matryoshka import MatryoshkaSizeError
 from recbole_fmrl.model.layers.nested_loss import (
     CHUNK_BYTES,
+    NARROW_COLUMNS,
     auto_chunk_size,
     nested_cross_entropy,
     nested_cross_entropy_reference,
@@ -28,7 +32,10 @@ def problems(draw):
     rows = draw(st.integers(1, 40))
     n_items = draw(st.integers(2, 30))
     chunk = draw(st.sampled_from([None, 1, 3, 7, 64]))
-    return sizes, torch.tensor(weights) / sum(weights), rows, n_items, chunk, draw(st.integers(0, 10_000))
+    # Blocks narrower than this take the narrow path: 1 = none, 25 = every block (sizes here are <= 24).
+    narrow = draw(st.sampled_from([1, 8, NARROW_COLUMNS, 25]))
+    seed = draw(st.integers(0, 10_000))
+    return sizes, torch.tensor(weights) / sum(weights), rows, n_items, chunk, narrow, seed
 
 
 def _loss_and_grads(fn, query, items, targets, sizes, weights, **kwargs):
@@ -41,13 +48,14 @@ def _loss_and_grads(fn, query, items, targets, sizes, weights, **kwargs):
 @settings(max_examples=60, deadline=None)
 @given(problems())
 def test_fused_loss_and_gradients_equal_the_reference(problem):
-    sizes, weights, rows, n_items, chunk, seed = problem
+    sizes, weights, rows, n_items, chunk, narrow, seed = problem
     gen = torch.Generator().manual_seed(seed)
     query = torch.randn(rows, sizes[-1], generator=gen)
     items = torch.randn(n_items, sizes[-1], generator=gen)
     targets = torch.randint(0, n_items, (rows,), generator=gen)
     ref = _loss_and_grads(nested_cross_entropy_reference, query, items, targets, sizes, weights)
-    fused = _loss_and_grads(nested_cross_entropy, query, items, targets, sizes, weights, chunk_size=chunk)
+    with mock.patch.object(nested_loss, "NARROW_COLUMNS", narrow):
+        fused = _loss_and_grads(nested_cross_entropy, query, items, targets, sizes, weights, chunk_size=chunk)
     for a, b in zip(fused, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -165,8 +173,6 @@ def test_second_backward_is_a_clear_error():
 
 
 def test_large_item_matrices_skip_the_transposed_copy_and_match_the_reference(monkeypatch):
-    from recbole_fmrl.model.layers import nested_loss
-
     monkeypatch.setattr(nested_loss, "TRANSPOSE_BYTES", 0)  # every item matrix counts as large here
     torch.manual_seed(1)
     query, items = torch.randn(20, 24, requires_grad=True), torch.randn(50, 24, requires_grad=True)
