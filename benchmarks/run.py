@@ -3,7 +3,7 @@
 Each benchmark runs in its own process, so its peak RSS is its own. Dataset benchmarks use Amazon Beauty
 from ``--data_path`` (default ``../shared/datasets``) and fall back to the shipped mm-sample when absent.
 
-    python -m benchmarks.run [--only nested_loss,loss_memory,train_modes,eval_sizes,masked_linear]
+    python -m benchmarks.run [--only nested_loss,loss_memory,train_modes,eval_sizes,masked_linear,narrow_grads]
         [--data_path=...] [--steps=20] [--out=DIR]
 
 - nested_loss: the paper's D=1024 training step (1 LRU block, 32 x 50 positions, 12,101 items, 1024-d text +
@@ -11,6 +11,9 @@ from ``--data_path`` (default ``../shared/datasets``) and fall back to the shipp
   autograd), and with a linear stand-in loss whose cost is exactly the three logit GEMMs (the GEMM floor of
   the same step); with ``--official_code=<checkout of github.com/yueqirex/fMRLRec>``, also the official model
   code's step (its LRUModel, embedding path and loss); interleaved, medians.
+- narrow_grads: the two gradient products of one narrow block of the fused loss at the D=1024 step's chunk
+  shape, in both orientations (the wide dimension last, or the narrow one first, as the loss takes them for
+  blocks under ``NARROW_COLUMNS``), interleaved, medians.
 - loss_memory: peak RSS of a training step on a 100,000-item synthetic catalogue at D=256, fused vs
   reference, each in its own process, beside the model + gradients + optimiser state + loss scratch.
 
@@ -29,7 +32,7 @@ import time
 from pathlib import Path
 
 RUNS = Path(__file__).resolve().parent / "runs"
-BENCHMARKS = ("nested_loss", "loss_memory", "train_modes", "eval_sizes", "masked_linear")
+BENCHMARKS = ("nested_loss", "loss_memory", "train_modes", "eval_sizes", "masked_linear", "narrow_grads")
 
 
 def _peak_rss_mb() -> float:
@@ -89,6 +92,57 @@ def bench_masked_linear(args) -> dict:
         "loop_ms": 1000 * t_loop,
         "loop_over_masked": t_loop / t_masked,
     }
+
+
+def _interleaved_medians(steps: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each step, timed in turn round after round (after one warm-up call each), so that
+    drifts in machine speed hit every step alike."""
+    import statistics
+
+    times = {name: [] for name in steps}
+    for step in steps.values():
+        step()
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _narrow_grad_steps(h, width: int) -> dict:
+    import torch
+
+    q_cols, e_cols = torch.randn(h.size(0), width), torch.randn(h.size(1), width)
+    q_rows, e_rows = q_cols.T.contiguous(), e_cols.T.contiguous()
+    acc, acc_t = torch.zeros(h.size(1), width), torch.zeros(width, h.size(1))
+    return {
+        "d_query_wide_last": lambda: h @ e_cols,
+        "d_query_narrow_first": lambda: torch.mm(e_rows, h.T),
+        "d_items_wide_last": lambda: acc.addmm_(h.T, q_cols),
+        "d_items_narrow_first": lambda: acc_t.addmm_(q_rows, h),
+    }
+
+
+def bench_narrow_grads(args) -> dict:
+    """d-query (H E_b) and d-items (H^T Q_b) of one block of 8, 16 or 32 columns, as [rows, items] x
+    [items, w] and [items, rows] x [rows, w] or narrow side first ([w, items] x [items, rows] and
+    [w, rows] x [rows, items]), at the chunk the fused loss picks for the D=1024 step (12,101 items, 8 sizes)."""
+    import torch
+
+    from recbole_fmrl.model.layers.nested_loss import auto_chunk_size
+
+    torch.manual_seed(0)
+    n_items = 12_101
+    rows = auto_chunk_size(n_items, 8)
+    h = torch.randn(rows, n_items)
+    out = {"rows": rows, "items": n_items, "ms": {}}
+    for width in (8, 16, 32):
+        med = _interleaved_medians(_narrow_grad_steps(h, width), max(5, args.repeats))
+        out["ms"][width] = {name: 1000 * t for name, t in med.items()}
+        out[f"w{width}_d_query_wide_over_narrow"] = med["d_query_wide_last"] / med["d_query_narrow_first"]
+        out[f"w{width}_d_items_wide_over_narrow"] = med["d_items_wide_last"] / med["d_items_narrow_first"]
+    return out
 
 
 def _gemm_floor_loss(query, items, targets, sizes, weights, chunk_size=None):
@@ -188,8 +242,6 @@ def _official_step(code: str, n_items=12_101, batch=32, length=50, dim=1024, fea
 def bench_nested_loss(args) -> dict:
     """The D=1024 paper step: fused vs reference loss vs the GEMM floor (and the official model code's step
     when ``--official_code`` names a checkout of it), interleaved, median seconds."""
-    import statistics
-
     from recbole_fmrl.model.layers.nested_loss import nested_cross_entropy, nested_cross_entropy_reference
 
     variants = {
@@ -199,15 +251,7 @@ def bench_nested_loss(args) -> dict:
     }
     if args.official_code:
         variants["official"] = _official_step(args.official_code)
-    times = {name: [] for name in variants}
-    for step in variants.values():
-        step()  # warm-up
-    for _ in range(args.repeats + 2):
-        for name, step in variants.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    med = {name: statistics.median(t) for name, t in times.items()}
+    med = _interleaved_medians(variants, args.repeats + 2)
     out = {
         "setting": "1 LRU block, 32 x 50 positions, 12,101 items, 1024+1024-d features, D=1024, 8 sizes",
         "step_s": med,

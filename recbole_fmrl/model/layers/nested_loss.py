@@ -28,8 +28,8 @@ TRANSPOSE_BYTES = 16 * 2**20
 # Blocks narrower than this get contiguous copies of their operands, and their gradient products are taken
 # with the narrow side first ([width, items] x [items, rows], [width, rows] x [rows, items]). On this
 # machine's CPU MKL runs a [rows, items] x [items, 8] product on a column slice of a wide matrix 4-8x slower
-# than on a contiguous copy, and the two gradient products of an 8-column block 1.8-2.9x faster in the
-# transposed form, on one thread and on two (16 columns: no consistent gain).
+# than on a contiguous copy, and an 8-column block's two gradient products about 2x faster narrow side
+# first; 16 or 32 columns gain little (``python -m benchmarks.run --only narrow_grads``).
 NARROW_COLUMNS = 16
 
 
