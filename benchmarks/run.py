@@ -10,7 +10,8 @@ from ``--data_path`` (default ``../shared/datasets``) and fall back to the shipp
   1024-d image features, 8 sizes) with the fused loss, with the reference loss (K logit matrices through
   autograd), and with a linear stand-in loss whose cost is exactly the three logit GEMMs (the GEMM floor of
   the same step); with ``--official_code=<checkout of github.com/yueqirex/fMRLRec>``, also the official model
-  code's step (its LRUModel, embedding path and loss); interleaved, medians.
+  code's step (its LRUModel, embedding path and loss); interleaved, medians, and the median over rounds of
+  the side-by-side ratios.
 - narrow_grads: the two gradient products of one narrow block of the fused loss at the D=1024 step's chunk
   shape, in both orientations (the wide dimension last, or the narrow one first, as the loss takes them for
   blocks under ``NARROW_COLUMNS``), interleaved, medians.
@@ -94,11 +95,9 @@ def bench_masked_linear(args) -> dict:
     }
 
 
-def _interleaved_medians(steps: dict, rounds: int) -> dict[str, float]:
-    """Median seconds of each step, timed in turn round after round (after one warm-up call each), so that
-    drifts in machine speed hit every step alike."""
-    import statistics
-
+def _interleaved_times(steps: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each step, timed in turn round after round (after one warm-up call each), so that drifts
+    in machine speed hit every step alike."""
     times = {name: [] for name in steps}
     for step in steps.values():
         step()
@@ -107,7 +106,21 @@ def _interleaved_medians(steps: dict, rounds: int) -> dict[str, float]:
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def _interleaved_medians(steps: dict, rounds: int) -> dict[str, float]:
+    import statistics
+
+    return {name: statistics.median(t) for name, t in _interleaved_times(steps, rounds).items()}
+
+
+def _paired_ratio(times: dict[str, list[float]], over: str, under: str) -> float:
+    """Median over rounds of one step's time over another's in the same round: the side-by-side ratio, less
+    sensitive than a ratio of medians to the machine speeding up or slowing down between rounds."""
+    import statistics
+
+    return statistics.median(a / b for a, b in zip(times[over], times[under], strict=True))
 
 
 def _narrow_grad_steps(h, width: int) -> dict:
@@ -241,7 +254,9 @@ def _official_step(code: str, n_items=12_101, batch=32, length=50, dim=1024, fea
 
 def bench_nested_loss(args) -> dict:
     """The D=1024 paper step: fused vs reference loss vs the GEMM floor (and the official model code's step
-    when ``--official_code`` names a checkout of it), interleaved, median seconds."""
+    when ``--official_code`` names a checkout of it), interleaved, median seconds and paired ratios."""
+    import statistics
+
     from recbole_fmrl.model.layers.nested_loss import nested_cross_entropy, nested_cross_entropy_reference
 
     variants = {
@@ -251,16 +266,20 @@ def bench_nested_loss(args) -> dict:
     }
     if args.official_code:
         variants["official"] = _official_step(args.official_code)
-    med = _interleaved_medians(variants, args.repeats + 2)
+    times = _interleaved_times(variants, args.repeats + 2)
+    med = {name: statistics.median(t) for name, t in times.items()}
     out = {
         "setting": "1 LRU block, 32 x 50 positions, 12,101 items, 1024+1024-d features, D=1024, 8 sizes",
         "step_s": med,
         "fused_over_gemm_floor": med["fused"] / med["gemm_floor"],
         "reference_over_fused": med["reference"] / med["fused"],
+        "paired": {"fused_over_gemm_floor": _paired_ratio(times, "fused", "gemm_floor")},
         "repeats": args.repeats + 2,
+        "times_s": times,
     }
     if "official" in med:
         out["official_over_fused"] = med["official"] / med["fused"]
+        out["paired"]["official_over_fused"] = _paired_ratio(times, "official", "fused")
     return out
 
 

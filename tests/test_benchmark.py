@@ -251,3 +251,20 @@ def test_a_continued_point_without_a_better_epoch_keeps_its_checkpoint_results()
     merged = continued_result(earlier, later)
     assert merged["best_epoch"] == 1 and merged["best_valid_result"] == {"ndcg@10": 0.3}
     assert merged["valid_history"] == [0.1, 0.3, 0.25, 0.28]
+
+
+def test_speed_benchmarks_time_steps_in_turn_and_pair_their_ratios():
+    from benchmarks import run
+
+    calls = []
+    steps = {"fast": lambda: calls.append("fast"), "slow": lambda: calls.append("slow")}
+    times = run._interleaved_times(steps, rounds=3)
+    # One warm-up call each, then the steps in turn, round after round.
+    assert calls == ["fast", "slow"] * 4 and {name: len(t) for name, t in times.items()} == {
+        "fast": 3,
+        "slow": 3,
+    }
+    # The paired ratio is the median of the per-round ratios, not the ratio of the medians.
+    paired = {"a": [2.0, 4.0, 10.0], "b": [1.0, 1.0, 10.0]}
+    assert run._paired_ratio(paired, "a", "b") == 2.0
+    assert run._interleaved_medians(steps, rounds=1).keys() == {"fast", "slow"}
