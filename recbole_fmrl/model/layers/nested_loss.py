@@ -28,8 +28,9 @@ TRANSPOSE_BYTES = 16 * 2**20
 # Blocks narrower than this get contiguous copies of their operands, and their gradient products are taken
 # with the narrow side first ([width, items] x [items, rows], [width, rows] x [rows, items]). On this
 # machine's CPU MKL runs a [rows, items] x [items, 8] product on a column slice of a wide matrix 4-8x slower
-# than on a contiguous copy, and an 8-column block's two gradient products about 2x faster narrow side
-# first; 16 or 32 columns gain little (``python -m benchmarks.run --only narrow_grads``).
+# than on a contiguous copy, and an 8-column block's two gradient products 1.5-2.4x faster narrow side
+# first (one and two threads); blocks of 16 or 32 columns are no faster that way, and on two threads slower
+# (``python -m benchmarks.run --only narrow_grads``).
 NARROW_COLUMNS = 16
 
 
