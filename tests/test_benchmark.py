@@ -268,3 +268,21 @@ def test_speed_benchmarks_time_steps_in_turn_and_pair_their_ratios():
     paired = {"a": [2.0, 4.0, 10.0], "b": [1.0, 1.0, 10.0]}
     assert run._paired_ratio(paired, "a", "b") == 2.0
     assert run._interleaved_medians(steps, rounds=1).keys() == {"fast", "slow"}
+
+
+def test_gemm_floor_has_the_logit_gemms_gradients_and_keeps_its_ones():
+    import torch
+
+    from benchmarks import run
+
+    torch.manual_seed(0)
+    q = torch.randn(5, 4, requires_grad=True)
+    e = torch.randn(7, 4, requires_grad=True)
+    loss = run._gemm_floor_loss(q, e, None, [4], None)
+    (2.0 * loss).backward()  # a non-unit upstream gradient scales G
+    ones = torch.ones(5, 7)
+    torch.testing.assert_close(q.grad, 2.0 * ones @ e.detach())
+    torch.testing.assert_close(e.grad, 2.0 * ones.T @ q.detach())
+    kept = run._FLOOR_ONES["ones"]
+    run._gemm_floor_loss(q, e, None, [4], None).backward()
+    assert run._FLOOR_ONES["ones"] is kept and bool((kept == 1).all())  # built once, never scaled in place
