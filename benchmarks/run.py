@@ -162,7 +162,7 @@ def _gemm_floor_loss(query, items, targets, sizes, weights, chunk_size=None):
     """A loss costing only the logit GEMMs: forward Q E^T, backward G E and G^T Q (G = ones).
 
     Nothing else passes over a [rows, items] matrix: the loss value is a constant (not a sum over the
-    logits), and G is built once per shape and kept, not filled in the timed step.
+    logits), and G is built once per shape, in the first (untimed warm-up) call, and kept.
     """
     import torch
 
@@ -187,7 +187,7 @@ def _gemm_floor_loss(query, items, targets, sizes, weights, chunk_size=None):
     return LinearLogits.apply(query, items)
 
 
-_FLOOR_ONES: dict = {}  # the floor's G, made outside the timed step (see _gemm_floor_loss)
+_FLOOR_ONES: dict = {}  # the floor's G, made in the warm-up call (see _gemm_floor_loss)
 
 
 def _paper_step(loss_fn, n_items=12_101, batch=32, length=50, dim=1024, feature_dim=1024, seed=0):
