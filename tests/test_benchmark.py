@@ -283,6 +283,7 @@ def test_gemm_floor_has_the_logit_gemms_gradients_and_keeps_its_ones():
     ones = torch.ones(5, 7)
     torch.testing.assert_close(q.grad, 2.0 * ones @ e.detach())
     torch.testing.assert_close(e.grad, 2.0 * ones.T @ q.detach())
-    kept = run._FLOOR_ONES["ones"]
+    kept = run._floor_ones(5, 7, torch.float32)
     run._gemm_floor_loss(q, e, None, [4], None).backward()
-    assert run._FLOOR_ONES["ones"] is kept and bool((kept == 1).all())  # built once, never scaled in place
+    assert run._floor_ones(5, 7, torch.float32) is kept  # built once
+    assert bool((kept == 1).all())  # never scaled in place
