@@ -89,6 +89,12 @@ VARIANTS = {
 }
 
 
+def _checkpoint_dir(out: Path, variant: str, k: int) -> Path:
+    """One folder per point: RecBole names a checkpoint by model and start second, so two points of one
+    model started together (``--jobs``) would otherwise write, and test, the same file."""
+    return out / "saved" / f"{variant}-{k}"
+
+
 def _spec(args, variant: str, k: int, point: dict, out: Path) -> dict:
     model, fixed, _ = VARIANTS[variant]
     config = {
@@ -97,7 +103,7 @@ def _spec(args, variant: str, k: int, point: dict, out: Path) -> dict:
         "stopping_step": args.stopping_step,
         "time_budget": args.budget,
         "valid_metric": "NDCG@10",
-        "checkpoint_dir": str(out / "saved"),
+        "checkpoint_dir": str(_checkpoint_dir(out, variant, k)),
         "log_wandb": False,
         **fixed,
         **point,
@@ -182,7 +188,8 @@ def _resume_spec(earlier: dict, out: Path) -> dict:
         raise SystemExit(
             f"{earlier['variant']} point {earlier['point']}: its checkpoint {checkpoint} is gone"
         )
-    copy = atomic_write(out / "saved" / checkpoint.name, lambda tmp: shutil.copyfile(checkpoint, tmp))
+    folder = _checkpoint_dir(out, earlier["variant"], earlier["point"])
+    copy = atomic_write(folder / checkpoint.name, lambda tmp: shutil.copyfile(checkpoint, tmp))
     return {"resume_file": str(copy), "trust_resume_file": True}
 
 

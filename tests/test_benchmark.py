@@ -132,6 +132,27 @@ def test_accuracy_script_trains_the_picked_grid_points_and_resumes(tmp_path, mon
         assert message in capsys.readouterr().err
 
 
+def test_accuracy_points_of_one_model_save_and_resume_in_their_own_folders(tmp_path):
+    """RecBole names checkpoints by model and start second: two points trained together must not share one."""
+    import argparse
+
+    from benchmarks import accuracy
+
+    args = argparse.Namespace(data_path="d", epochs=1, stopping_step=1, budget=1.0, threads=1, dataset="x")
+    grid = accuracy.VARIANTS["SASRec"][2]
+    folders = {
+        k: accuracy._spec(args, "SASRec", k, grid[k], tmp_path)["config"]["checkpoint_dir"] for k in (3, 5)
+    }
+    assert folders[3] != folders[5] and all(Path(f).parent == tmp_path / "saved" for f in folders.values())
+    earlier = tmp_path / "earlier.pth"
+    earlier.write_bytes(b"checkpoint")
+    resumed = accuracy._resume_spec(
+        {"variant": "SASRec", "point": 5, "saved_model_file": str(earlier)}, tmp_path
+    )
+    assert Path(resumed["resume_file"]) == Path(folders[5]) / "earlier.pth"
+    assert Path(resumed["resume_file"]).read_bytes() == b"checkpoint"
+
+
 def test_accuracy_script_picks_grid_points_per_variant(tmp_path, monkeypatch, capsys):
     from benchmarks import accuracy
 
@@ -215,7 +236,9 @@ def test_accuracy_continue_from_trains_budget_stopped_points_on_and_keeps_the_re
     argv = ["--variants=SASRec,fMRLRec", "--grid_points=SASRec:1,fMRLRec:0", f"--continue_from={first}"]
     assert accuracy.main([*argv, f"--out={later}"]) == 0
     assert [spec["variant"] for spec in asked] == ["SASRec"]  # the converged point is not trained again
-    assert Path(asked[0]["resume_file"]).parent == later / "saved"  # a copy: the first run's file stays
+    assert (
+        Path(asked[0]["resume_file"]).parent == later / "saved" / "SASRec-1"
+    )  # a copy: the first run's file stays
     sasrec = json.loads((later / "SASRec-1.json").read_text())
     # Epochs 0-2 from the first run (up to its checkpoint), then 3-6 trained now; times add up.
     assert sasrec["valid_history"] == [0.1, 0.2, 0.3, 0.26, 0.4, 0.35, 0.3]
