@@ -364,9 +364,9 @@ def _beauty_or_sample(args) -> tuple[str, dict]:
     return "mm-sample", {}
 
 
-# The item tower benchmarks/MEASURED.md's timings were taken with: trained text features, no ID embedding (the CPU
-# profile before it switched to frozen features + IDs). Pinned so those numbers stay reproducible; it is also
-# the costlier tower (the feature table gets gradients).
+# The item tower benchmarks/MEASURED.md's timings were taken with: trained text features, no ID embedding
+# (the CPU profile before it switched to frozen features + IDs). Pinned so those numbers stay reproducible;
+# it is also the costlier tower (the feature table gets gradients).
 TIMED_TOWER = {"freeze_features": False, "use_id_embedding": False}
 
 

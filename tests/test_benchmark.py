@@ -236,9 +236,8 @@ def test_accuracy_continue_from_trains_budget_stopped_points_on_and_keeps_the_re
     argv = ["--variants=SASRec,fMRLRec", "--grid_points=SASRec:1,fMRLRec:0", f"--continue_from={first}"]
     assert accuracy.main([*argv, f"--out={later}"]) == 0
     assert [spec["variant"] for spec in asked] == ["SASRec"]  # the converged point is not trained again
-    assert (
-        Path(asked[0]["resume_file"]).parent == later / "saved" / "SASRec-1"
-    )  # a copy: the first run's file stays
+    # A copy in the point's own folder: the first run's file stays.
+    assert Path(asked[0]["resume_file"]).parent == later / "saved" / "SASRec-1"
     sasrec = json.loads((later / "SASRec-1.json").read_text())
     # Epochs 0-2 from the first run (up to its checkpoint), then 3-6 trained now; times add up.
     assert sasrec["valid_history"] == [0.1, 0.2, 0.3, 0.26, 0.4, 0.35, 0.3]
