@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
-from recbole_fmrl.model.layers.lru import LRUEncoder, LRULayer, parallel_scan, sequential_scan
+from recbole_fmrl.model.layers.lru import LRUEncoder, LRULayer
 from recbole_fmrl.model.layers.matryoshka import (
     MatryoshkaLayerNorm,
     MatryoshkaLinear,
@@ -16,6 +16,7 @@ from recbole_fmrl.model.layers.matryoshka import (
     iter_size_scores,
     size_index,
 )
+from recbole_fmrl.model.layers.scan import packed_scan, parallel_scan, sequential_scan
 
 nestings = st.lists(st.integers(1, 24), min_size=1, max_size=5, unique=True).map(sorted)
 FAST = settings(max_examples=25, deadline=None)
@@ -79,6 +80,52 @@ def test_parallel_scan_equals_sequential(length, dim, seed):
     lam = torch.polar(torch.rand(dim) * 0.99, torch.rand(dim) * 6.28)
     b = torch.complex(torch.randn(2, length, dim), torch.randn(2, length, dim))
     torch.testing.assert_close(parallel_scan(lam, b), sequential_scan(lam, b), rtol=1e-4, atol=1e-5)
+
+
+@FAST
+@given(
+    lengths=st.lists(st.integers(0, 12), min_size=1, max_size=6),
+    dim=st.integers(1, 4),
+    seed=st.integers(0, 10_000),
+)
+def test_packed_scan_equals_padded_scan_with_gradients(lengths, dim, seed):
+    """The CPU's scan over valid positions only: the padded scan's states and gradients (lam and b)."""
+    torch.manual_seed(seed)
+    width = max(max(lengths), 1)
+    mask = torch.arange(width) < torch.tensor(lengths).unsqueeze(1)
+    lam = torch.polar(torch.rand(dim) * 0.99, torch.rand(dim) * 6.28).requires_grad_()
+    b = torch.complex(torch.randn(int(mask.sum()), dim), torch.randn(int(mask.sum()), dim)).requires_grad_()
+    weight = torch.complex(torch.randn(int(mask.sum()), dim), torch.randn(int(mask.sum()), dim))
+
+    def padded(lam, b):
+        full = b.new_zeros(*mask.shape, dim)
+        full[mask] = b
+        return sequential_scan(lam, full)[mask]
+
+    outs, grads = [], []
+    for scan in (padded, lambda lam, b: packed_scan(lam, b, mask)):
+        out = scan(lam, b)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * weight).real.sum(), (lam, b)))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_scan_gradients_pass_gradcheck():
+    torch.manual_seed(0)
+    mask = torch.arange(6) < torch.tensor([[3], [6], [0], [1]])
+    lam = torch.polar(torch.rand(3, dtype=torch.float64) * 0.9, torch.rand(3, dtype=torch.float64) * 6)
+    b = torch.randn(int(mask.sum()), 3, dtype=torch.complex128)
+    assert torch.autograd.gradcheck(
+        lambda lam, b: packed_scan(lam, b, mask), (lam.requires_grad_(), b.requires_grad_())
+    )
+
+
+def test_packed_scan_rejects_a_mask_with_gaps():
+    mask = torch.tensor([[True, False, True]])
+    with pytest.raises(ValueError, match="right-padded"):
+        packed_scan(torch.ones(2, dtype=torch.complex64), torch.zeros(2, 2, dtype=torch.complex64), mask)
 
 
 def test_encoder_ignores_right_padding_content():

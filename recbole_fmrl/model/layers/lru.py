@@ -1,7 +1,8 @@
 """Linear recurrent unit (LRU, Orvieto et al. 2023) with nested complex projections.
 
 The recurrence h_t = λ ⊙ h_{t-1} + γ ⊙ B x_t is element-wise per channel, so it keeps the Matryoshka nesting
-of its nested in/out projections. It is computed with a log-depth parallel scan.
+of its nested in/out projections. ``scan.py`` computes it: a log-depth scan on CUDA, a step loop over the
+valid positions on the CPU.
 """
 
 from __future__ import annotations
@@ -14,28 +15,7 @@ from torch import nn
 
 from recbole_fmrl.model.layers.matryoshka import MatryoshkaFeedForward, MatryoshkaLayerNorm, MatryoshkaLinear
 from recbole_fmrl.model.layers.packed import PackedEncoder, packed_rows  # noqa: F401  (public here too)
-
-
-def parallel_scan(lam: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """h_t = lam * h_{t-1} + b_t over dim 1 (h_{-1} = 0), in ceil(log2 L) vectorised steps (Hillis-Steele).
-
-    After the step with offset o, h_t holds the sum over the last 2o inputs, so log2 L doublings cover all.
-    """
-    h, power, offset, length = b, lam, 1, b.size(1)
-    while offset < length:
-        h = torch.cat([h[:, :offset], h[:, offset:] + power * h[:, :-offset]], dim=1)
-        power = power * power
-        offset *= 2
-    return h
-
-
-def sequential_scan(lam: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Reference step-by-step recurrence (tests compare the parallel scan against it)."""
-    h, out = torch.zeros_like(b[:, 0]), []
-    for t in range(b.size(1)):
-        h = lam * h + b[:, t]
-        out.append(h)
-    return torch.stack(out, dim=1)
+from recbole_fmrl.model.layers.scan import packed_scan, parallel_scan
 
 
 class LRULayer(nn.Module):
@@ -85,16 +65,19 @@ class LRULayer(nn.Module):
         """``x``: the valid positions of ``mask`` ``[B, L]``, packed row-major, ``[V, D]``. Outputs at the same
         packed positions, ``[V, D]``; with ``last`` (one position per row), only those, ``[B, D]``.
 
-        Position-wise maps run on the V valid rows only; padded steps enter the recurrence as zeros.
+        Position-wise maps run on the V valid rows only; padded steps enter the recurrence as zeros (CUDA) or not
+        at all (CPU), which is the same for right-padded rows.
         """
         gamma = torch.exp(self.gamma_log)
         valid = torch.complex(self.in_re(x) * gamma, self.in_im(x) * gamma)  # complex on the V rows only
         if last is not None:
             h = self._state_at(valid, mask, last)
-        else:
+        elif valid.is_cuda:  # log depth: fewer kernel launches
             b = valid.new_zeros(*mask.shape, valid.size(-1))
             b[mask] = valid
             h = parallel_scan(self.lam(), b)[mask]
+        else:  # one step per time step on the valid positions only: the least work
+            h = packed_scan(self.lam(), valid, mask)
         return self.dropout(self.out_re(h.real) - self.out_im(h.imag))
 
     def _state_at(self, valid: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
