@@ -9,6 +9,8 @@ work. ``sequential_scan`` is the reference both are tested against.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -35,7 +37,7 @@ def sequential_scan(lam: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _time_major(mask: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """(row-major packed index of each time-major packed position, rows active at each step).
+    """(row-major packed index of each time-major packed position, rows active at each step that has any).
 
     Rows are ordered longest first, so the rows still running at step t are the first ``counts[t]`` of step
     t-1's: step t's states are one contiguous block, and its predecessors the head of the block before.
@@ -51,7 +53,7 @@ def _time_major(mask: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     starts = lengths.cumsum(0) - lengths  # row-major offset of each row
     row_major = (starts[order].unsqueeze(1) + steps).T  # [L, B] in time-major order
     active = mask[order].T
-    return row_major[active], active.sum(1).tolist()
+    return row_major[active], [n for n in active.sum(1).tolist() if n]  # columns past every row dropped
 
 
 class _PackedScan(torch.autograd.Function):
@@ -63,8 +65,6 @@ class _PackedScan(torch.autograd.Function):
         h = torch.empty_like(b)
         start, prev = 0, None
         for n in counts:
-            if n == 0:
-                break
             step = h[start : start + n]
             if prev is None:
                 step.copy_(b[start : start + n])
@@ -78,10 +78,8 @@ class _PackedScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor):
         lam, h = ctx.saved_tensors
-        counts = [n for n in ctx.counts if n > 0]
-        starts = [0]
-        for n in counts[:-1]:
-            starts.append(starts[-1] + n)
+        counts = ctx.counts
+        starts = [0, *itertools.accumulate(counts[:-1])]
         lam_conj = lam.conj()
         grad_b = torch.empty_like(grad_h)
         grad_lam = torch.zeros_like(lam) if ctx.needs_input_grad[0] else None
