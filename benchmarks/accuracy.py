@@ -74,6 +74,17 @@ VARIANTS = {
     "fMRLRec": ("fMRLRec", {"freeze_features": False, "use_id_embedding": False}, _FMRL_GRID),
     # The paper's setting: the features stay frozen, only their projection is learned.
     "fMRLRec-frozen": ("fMRLRec", {"freeze_features": True, "use_id_embedding": False}, _FMRL_GRID),
+    # The same two with each feature column standardised (feature_norm: standardize).
+    "fMRLRec-std": (
+        "fMRLRec",
+        {"freeze_features": False, "use_id_embedding": False, "feature_norm": "standardize"},
+        _FMRL_GRID,
+    ),
+    "fMRLRec-frozen-std": (
+        "fMRLRec",
+        {"freeze_features": True, "use_id_embedding": False, "feature_norm": "standardize"},
+        _FMRL_GRID,
+    ),
     # Trained features plus a learned ID embedding.
     "fMRLRec-id": ("fMRLRec", {"use_id_embedding": True, "freeze_features": False}, _FMRL_GRID),
     # Frozen features plus a learned ID embedding: today's CPU profile.

@@ -145,6 +145,7 @@ def test_training_beats_popularity_on_mm_sample(in_tmp):
         ({"mrl_loss_weights": [1.0]}, MatryoshkaSizeError, "one non-negative weight per size"),
         ({"train_mode": "sometimes"}, ValueError, "train_mode"),
         ({"modalities": ["audio"]}, ConfigError, "\\['audio'\\] have no features"),
+        ({"feature_norm": "zscore"}, ConfigError, "feature_norm='zscore' is not valid"),
     ],
 )
 def test_bad_config_is_rejected(mm, extra, error, match):
@@ -156,6 +157,7 @@ def test_bad_config_is_rejected(mm, extra, error, match):
         "eval_size": None,
         "mrl_loss_weights": None,
         "train_mode": "all_positions",
+        "feature_norm": "none",
     }
     for key, value in {**base, **extra}.items():
         config[key] = value
@@ -185,6 +187,28 @@ def test_bad_precomputed_features_are_rejected(mm, tmp_path, problem):
     with pytest.raises(FeatureError, match="item ids" if problem == "rows" else "NaN/Inf"):
         fMRLRec(config, train._dataset)
     config["precomputed_features"] = None
+
+
+@pytest.mark.parametrize("norm", ["none", "standardize"])
+def test_feature_norm_standardizes_each_feature_column(mm, tmp_path, norm):
+    config, dataset, _, _ = mm
+    tokens = list(dataset.field2id_token["item_id"][1:])
+    rng = np.random.default_rng(0)
+    matrix = (3.0 + 5.0 * rng.normal(size=(len(tokens), 6))).astype(np.float32)
+    np.save(tmp_path / "f.npy", matrix)
+    (tmp_path / "ids.txt").write_text("\n".join(tokens))
+    features = {"text": {"path": str(tmp_path / "f.npy"), "ids": str(tmp_path / "ids.txt")}}
+    try:
+        model = build(mm, [4, 16], 0, modalities=["text"], precomputed_features=features, feature_norm=norm)
+    finally:
+        config["precomputed_features"], config["modalities"], config["feature_norm"] = None, [], "none"
+    table = model.item_tower.features
+    assert bool((table[0] == 0).all())  # the padding item
+    if norm == "none":
+        torch.testing.assert_close(table[1:], torch.from_numpy(matrix))
+    else:
+        torch.testing.assert_close(table[1:].mean(0), torch.zeros(6), atol=1e-5, rtol=0)
+        torch.testing.assert_close(table[1:].std(0), torch.ones(6), atol=1e-5, rtol=0)
 
 
 def test_trainable_features_are_learned_saved_and_exported(mm, tmp_path):

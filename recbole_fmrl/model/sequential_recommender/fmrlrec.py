@@ -15,9 +15,11 @@ from recbole_fmrl.data.features import MODALITIES, as_list, load_item_features
 from recbole_fmrl.errors import ConfigError
 from recbole_fmrl.model.abstract_recommender import MatryoshkaRecommender, require_int
 from recbole_fmrl.model.layers.item_tower import (  # noqa: F401  (FeatureMismatchError: public import)
+    FEATURE_NORMS,
     FeatureMismatchError,
     ItemTower,
     QARMItemTower,
+    normalize_features,
 )
 from recbole_fmrl.model.layers.lru import LRUEncoder
 from recbole_fmrl.model.layers.nested_loss import nested_cross_entropy
@@ -58,6 +60,10 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
             from recbole_fmrl.quantization.qarm import check_qarm_config
 
             check_qarm_config(config)
+        if (config["feature_norm"] or "none") not in FEATURE_NORMS:
+            raise ConfigError(
+                f"feature_norm={config['feature_norm']!r} is not valid: use one of {list(FEATURE_NORMS)}."
+            )
         if config["train_mode"] not in TRAIN_MODES:
             raise ConfigError(f"train_mode={config['train_mode']!r} is not valid: use one of {TRAIN_MODES}.")
         precomputed = config["precomputed_features"] or {}
@@ -146,6 +152,7 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
             )
         modalities = as_list(config["modalities"])
         features = load_item_features(config, dataset, modalities) if modalities else {}
+        features = normalize_features(features, config["feature_norm"] or "none")
         return ItemTower(self.n_items, self.hidden_size, features, use_id, freeze)
 
     def encode(
