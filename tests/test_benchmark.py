@@ -305,7 +305,32 @@ def test_gemm_floor_has_the_logit_gemms_gradients_and_keeps_its_ones():
     ones = torch.ones(5, 7)
     torch.testing.assert_close(q.grad, 2.0 * ones @ e.detach())
     torch.testing.assert_close(e.grad, 2.0 * ones.T @ q.detach())
+    for items_major in (False, True):  # the forward's output layout does not change the gradients
+        q.grad = e.grad = None
+        run._gemm_floor_loss(q, e, None, [4], None, items_major=items_major).backward()
+        torch.testing.assert_close(q.grad, ones @ e.detach())
+        torch.testing.assert_close(e.grad, ones.T @ q.detach())
     kept = run._floor_ones(5, 7, torch.float32)
     run._gemm_floor_loss(q, e, None, [4], None).backward()
     assert run._floor_ones(5, 7, torch.float32) is kept  # built once
     assert bool((kept == 1).all())  # never scaled in place
+
+
+def test_nested_loss_takes_the_faster_layout_of_the_floor(monkeypatch):
+    import functools
+    import time
+    from types import SimpleNamespace
+
+    from benchmarks import run
+
+    def fake_step(loss_fn):
+        if isinstance(loss_fn, functools.partial):
+            delay = 0.002 if loss_fn.keywords.get("items_major") else 0.05
+        else:
+            delay = {"_gemm_floor_loss": 0.05, "nested_cross_entropy": 0.01}.get(loss_fn.__name__, 0.02)
+        return lambda: time.sleep(delay)
+
+    monkeypatch.setattr(run, "_paper_step", fake_step)
+    out = run.bench_nested_loss(SimpleNamespace(repeats=1, official_code=None))
+    assert out["floor"] == "gemm_floor_items_major"
+    assert out["fused_over_gemm_floor"] > 1 and out["paired"]["fused_over_gemm_floor"] > 1
