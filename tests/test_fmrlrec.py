@@ -146,6 +146,7 @@ def test_training_beats_popularity_on_mm_sample(in_tmp):
         ({"train_mode": "sometimes"}, ValueError, "train_mode"),
         ({"modalities": ["audio"]}, ConfigError, "\\['audio'\\] have no features"),
         ({"feature_norm": "zscore"}, ConfigError, "feature_norm='zscore' is not valid"),
+        ({"feature_norm": "standardize", "item_tower": "qarm"}, ConfigError, "item_tower: features only"),
     ],
 )
 def test_bad_config_is_rejected(mm, extra, error, match):
@@ -158,11 +159,17 @@ def test_bad_config_is_rejected(mm, extra, error, match):
         "mrl_loss_weights": None,
         "train_mode": "all_positions",
         "feature_norm": "none",
+        "item_tower": "features",
     }
+    saved = {key: config[key] for key in {**base, **extra}}
     for key, value in {**base, **extra}.items():
         config[key] = value
-    with pytest.raises(error, match=match):
-        fMRLRec(config, train._dataset)
+    try:
+        with pytest.raises(error, match=match):
+            fMRLRec(config, train._dataset)
+    finally:  # the config is the module's: later tests build from it
+        for key, value in saved.items():
+            config[key] = value
 
 
 @pytest.mark.parametrize("problem", ["rows", "nan"])
@@ -199,7 +206,15 @@ def test_feature_norm_standardizes_each_feature_column(mm, tmp_path, norm):
     (tmp_path / "ids.txt").write_text("\n".join(tokens))
     features = {"text": {"path": str(tmp_path / "f.npy"), "ids": str(tmp_path / "ids.txt")}}
     try:
-        model = build(mm, [4, 16], 0, modalities=["text"], precomputed_features=features, feature_norm=norm)
+        model = build(
+            mm,
+            [4, 16],
+            0,
+            modalities=["text"],
+            precomputed_features=features,
+            feature_norm=norm,
+            item_tower="features",
+        )
     finally:
         config["precomputed_features"], config["modalities"], config["feature_norm"] = None, [], "none"
     table = model.item_tower.features
