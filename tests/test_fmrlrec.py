@@ -196,6 +196,17 @@ def test_bad_precomputed_features_are_rejected(mm, tmp_path, problem):
     config["precomputed_features"] = None
 
 
+def test_standardizing_a_single_item_or_a_constant_column_gives_zeros_not_nan():
+    from recbole_fmrl.model.layers.item_tower import normalize_features
+
+    one_item = torch.tensor([[0.0, 0.0], [2.0, 5.0]])  # padding row + one item
+    constant = torch.tensor([[0.0, 0.0], [1.0, 3.0], [1.0, 4.0]])
+    assert torch.equal(normalize_features({"t": one_item}, "standardize")["t"], torch.zeros(2, 2))
+    assert torch.equal(normalize_features({"t": constant}, "standardize")["t"][:, 0], torch.zeros(3))
+    with pytest.raises(ValueError, match="feature_norm='l2' is not one of"):
+        normalize_features({"t": constant}, "l2")
+
+
 @pytest.mark.parametrize("norm", ["none", "standardize"])
 def test_feature_norm_standardizes_each_feature_column(mm, tmp_path, norm):
     config, dataset, _, _ = mm

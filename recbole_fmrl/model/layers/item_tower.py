@@ -38,7 +38,9 @@ def normalize_features(features: dict[str, torch.Tensor], norm: str) -> dict[str
     for name, table in features.items():
         table = table.float()
         rows = table[1:]
-        scaled = (table - rows.mean(0)) / rows.std(0).clamp_min(1e-12)
+        # One item has no sample std (NaN): its column is constant, and constant columns become zeros.
+        std = rows.std(0) if rows.size(0) > 1 else torch.zeros_like(rows[0])
+        scaled = (table - rows.mean(0)) / std.clamp_min(1e-12)
         scaled[0] = 0
         out[name] = scaled
     return out

@@ -56,14 +56,13 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
                 require_int(config, "mamba_chunk", 1, "time steps per chunk of the PyTorch scan; ~ = auto")
         if config["item_tower"] not in ITEM_TOWERS:
             raise ConfigError(f"item_tower={config['item_tower']!r} is not valid: use one of {ITEM_TOWERS}.")
-        if (config["feature_norm"] or "none") not in FEATURE_NORMS:
+        norm = config["feature_norm"] or "none"
+        if norm not in FEATURE_NORMS:
+            raise ConfigError(f"feature_norm={norm!r} is not valid: use one of {list(FEATURE_NORMS)}.")
+        if norm != "none" and config["item_tower"] != "features":
             raise ConfigError(
-                f"feature_norm={config['feature_norm']!r} is not valid: use one of {list(FEATURE_NORMS)}."
-            )
-        if (config["feature_norm"] or "none") != "none" and config["item_tower"] != "features":
-            raise ConfigError(
-                f"feature_norm={config['feature_norm']!r} applies to item_tower: features only (QARM codes "
-                "are built from the aligned features as they are): set feature_norm: none."
+                f"feature_norm={norm!r} applies to item_tower: features only (QARM codes are built from the "
+                "aligned features as they are): set feature_norm: none."
             )
         if config["item_tower"] == "qarm":
             from recbole_fmrl.quantization.qarm import check_qarm_config
