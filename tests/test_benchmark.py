@@ -192,10 +192,15 @@ def test_accuracy_variants_pin_their_item_tower_whatever_the_cpu_profile_says():
         )
         towers[name] = (config["freeze_features"], config["use_id_embedding"], bool(config["modalities"]))
         assert {"freeze_features", "use_id_embedding"} <= set(fixed) or not config["modalities"], name
+        assert config["feature_norm"] == ("standardize" if name.endswith("-std") else "none"), name
     assert towers["fMRLRec"] == (False, False, True)
     assert towers["fMRLRec-frozen"] == (True, False, True)
     assert towers["fMRLRec-id"] == (False, True, True)
     assert towers["fMRLRec-frozen-id"] == (True, True, True)
+    assert (
+        towers["fMRLRec-std"] == towers["fMRLRec"]
+        and towers["fMRLRec-frozen-std"] == towers["fMRLRec-frozen"]
+    )
     assert towers["LRURec-id"][1:] == (True, False)
 
 
