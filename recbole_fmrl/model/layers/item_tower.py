@@ -27,8 +27,9 @@ def normalize_features(features: dict[str, torch.Tensor], norm: str) -> dict[str
     """``standardize``: each feature column to zero mean and unit variance over the items (row 0, the
     padding item, stays zero). Sentence encoders such as MiniLM L2-normalise their outputs (coordinates of
     about 1/sqrt(384) = 0.05), while an Adam step moves a trained feature by up to about the learning rate
-    (1e-3 in the CPU profile): at unit scale the same steps change the table about 20x less relative to its
-    values. Frozen features are only rescaled before their projection. Effects on Beauty:
+    (1e-3 in the CPU profile): at unit scale the same steps change the table less, relative to its values,
+    by one over each column's std. For frozen features it is an affine change of the projection's input,
+    which its weights and bias could absorb; only the optimisation differs. Effects on Beauty:
     ``benchmarks/MEASURED.md``."""
     if norm not in FEATURE_NORMS:
         raise ValueError(f"feature_norm={norm!r} is not one of {list(FEATURE_NORMS)}")
