@@ -80,6 +80,7 @@ def test_cpu_profile_applies_without_gpu_and_user_values_still_win():
     auto = Config("fMRLRec", "mm-sample", config_dict={"state": "WARNING", "use_gpu": False})
     assert auto["hidden_size"] == 256 and auto["mrl_sizes"][-1] == 256  # properties/profiles/fMRLRec-cpu.yaml
     assert auto["freeze_features"] is True and auto["use_id_embedding"] is True  # frozen text + ID
+    assert auto["train_batch_size"] == 64
     paper = Config("fMRLRec", "mm-sample", config_dict={"state": "WARNING", "device_profile": "paper"})
     assert paper["hidden_size"] == 1024 and paper["learning_rate"] == 0.0001
     mine = Config(
@@ -93,6 +94,7 @@ def test_qarm_cpu_profile_keeps_its_measured_tower_without_ids():
     auto = Config("QARMRec", "mm-sample", config_dict={"state": "WARNING", "use_gpu": False})
     assert auto["hidden_size"] == 256 and auto["freeze_features"] is True
     assert auto["use_id_embedding"] is False
+    assert auto["train_batch_size"] == 256  # its measured batch, not fMRLRec's profile's 64
 
 
 def test_resume_file_trains_on_from_a_checkpoint_and_refuses_the_wrong_ones(in_tmp):
