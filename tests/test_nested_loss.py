@@ -16,6 +16,7 @@ from recbole_fmrl.model.layers.matryoshka import MatryoshkaSizeError
 from recbole_fmrl.model.layers.nested_loss import (
     CHUNK_BYTES,
     NARROW_COLUMNS,
+    SUB_ROWS,
     auto_chunk_size,
     nested_cross_entropy,
     nested_cross_entropy_reference,
@@ -34,8 +35,10 @@ def problems(draw):
     chunk = draw(st.sampled_from([None, 1, 3, 7, 64]))
     # Blocks narrower than this take the narrow path: 1 = none, 25 = every block (sizes here are <= 24).
     narrow = draw(st.sampled_from([1, 8, NARROW_COLUMNS, 25]))
+    # Leading blocks up to this many columns take their forward sub_rows rows at a time: 0 = none, 24 = all.
+    sub = draw(st.tuples(st.sampled_from([0, 4, 12, 24]), st.sampled_from([1, 3, SUB_ROWS])))
     seed = draw(st.integers(0, 10_000))
-    return sizes, torch.tensor(weights) / sum(weights), rows, n_items, chunk, narrow, seed
+    return sizes, torch.tensor(weights) / sum(weights), rows, n_items, chunk, narrow, sub, seed
 
 
 def _loss_and_grads(fn, query, items, targets, sizes, weights, **kwargs):
@@ -48,13 +51,17 @@ def _loss_and_grads(fn, query, items, targets, sizes, weights, **kwargs):
 @settings(max_examples=60, deadline=None)
 @given(problems())
 def test_fused_loss_and_gradients_equal_the_reference(problem):
-    sizes, weights, rows, n_items, chunk, narrow, seed = problem
+    sizes, weights, rows, n_items, chunk, narrow, (sub_columns, sub_rows), seed = problem
     gen = torch.Generator().manual_seed(seed)
     query = torch.randn(rows, sizes[-1], generator=gen)
     items = torch.randn(n_items, sizes[-1], generator=gen)
     targets = torch.randint(0, n_items, (rows,), generator=gen)
     ref = _loss_and_grads(nested_cross_entropy_reference, query, items, targets, sizes, weights)
-    with mock.patch.object(nested_loss, "NARROW_COLUMNS", narrow):
+    with (
+        mock.patch.object(nested_loss, "NARROW_COLUMNS", narrow),
+        mock.patch.object(nested_loss, "SUB_COLUMNS", sub_columns),
+        mock.patch.object(nested_loss, "SUB_ROWS", sub_rows),
+    ):
         fused = _loss_and_grads(nested_cross_entropy, query, items, targets, sizes, weights, chunk_size=chunk)
     for a, b in zip(fused, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

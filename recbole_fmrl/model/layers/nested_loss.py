@@ -32,6 +32,14 @@ TRANSPOSE_BYTES = 16 * 2**20
 # first (one and two threads); blocks of 16 or 32 columns are no faster that way, and on two threads slower
 # (``python -m benchmarks.run --only narrow_grads``).
 NARROW_COLUMNS = 16
+# The leading blocks up to this many columns (sizes 8 to 128 of the paper's nesting) take their forward a
+# few rows at a time: SUB_ROWS rows of scores (3 MiB on 12,101 items) stay in cache through these blocks'
+# GEMMs and softmaxes, where a whole chunk's scores would go to memory and back once per block. These blocks
+# do little GEMM work, so those passes are most of their cost. Their gradients keep whole chunks: in ad-hoc
+# one-thread trials the sub-chunked d-items products, which re-read their accumulators once per sub-chunk,
+# were slower. What the change does to whole steps: ``benchmarks/MEASURED.md``.
+SUB_COLUMNS = 128
+SUB_ROWS = 64
 
 
 def auto_chunk_size(n_items: int, n_sizes: int, budget_bytes: int = CHUNK_BYTES) -> int:
@@ -107,6 +115,26 @@ def _target_nll(scores: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, t
     return nll.sum()
 
 
+def _forward_blocks(q, items_t, s, probs, targets, blocks, scales, first=0, narrow=None):
+    """Adds blocks ``first:`` of the scores into ``s`` (block ``first`` continues from the scores ``s``
+    holds), one size at a time: its softmax into ``probs[k]``, and returns the weighted sum of the sizes'
+    target NLLs. ``narrow``: (query columns, item rows) of the narrow blocks, as contiguous copies."""
+    q_cols, item_rows = narrow or ({}, {})
+    rows = torch.arange(s.size(0), device=s.device)
+    total = s.new_zeros(())
+    for k in range(first, len(blocks)):
+        a, b = blocks[k]
+        q_k, e_k = (q_cols[k], item_rows[k]) if k in q_cols else (q[:, a:b], items_t[a:b])
+        if k == 0:
+            torch.mm(q_k, e_k, out=s)
+        else:
+            s.addmm_(q_k, e_k)
+        if scales[k] != 0:
+            torch._softmax(s, 1, False, out=probs[k])
+            total += scales[k] * _target_nll(s, probs[k], rows, targets)
+    return total
+
+
 def _empty_but(like: torch.Tensor, zero_columns: list[tuple[int, int]]) -> torch.Tensor:
     out = torch.empty_like(like)
     for a, b in zero_columns:
@@ -140,6 +168,10 @@ class _NestedCrossEntropy(torch.autograd.Function):
         # Per narrow block: its item columns as contiguous rows [width, items], and a d-items accumulator of
         # the same shape (transposed into grad_e at the end).
         item_rows = {k: items[:, cols].T.contiguous() for k, cols in narrow.items()}
+        # The leading blocks that take their forward SUB_ROWS rows at a time, and their item columns as rows.
+        n_sub = sum(1 for _, b in blocks if b <= SUB_COLUMNS)
+        sub_cols = blocks[n_sub - 1][1] if n_sub else 0
+        sub_t = items_t[:sub_cols] if small else items[:, :sub_cols].T.contiguous()
         grad_e_narrow = {k: torch.zeros_like(rows) for k, rows in item_rows.items()} if want_e else {}
         for r0 in range(0, n_rows, chunk):
             r1 = min(n_rows, r0 + chunk)
@@ -147,17 +179,13 @@ class _NestedCrossEntropy(torch.autograd.Function):
             rows = torch.arange(r1 - r0, device=query.device)
             q_cols = {k: q[:, cols].contiguous() for k, cols in narrow.items()}
             q_rows = {k: cols.T.contiguous() for k, cols in q_cols.items()}
-            for k, (a, b) in enumerate(blocks):
-                q_k, e_k = (q_cols[k], item_rows[k]) if k in narrow else (q[:, a:b], items_t[a:b])
-                if k == 0:
-                    torch.mm(q_k, e_k, out=s)
-                else:
-                    s.addmm_(q_k, e_k)
-                if scales[k] == 0:
-                    continue
-                p = probs[k, : r1 - r0]
-                torch._softmax(s, 1, False, out=p)
-                total += scales[k] * _target_nll(s, p, rows, t)
+            p_chunk = probs[:, : r1 - r0]
+            for u0 in range(0, r1 - r0 if n_sub else 0, SUB_ROWS):
+                u = slice(u0, min(r1 - r0, u0 + SUB_ROWS))
+                total += _forward_blocks(q[u], sub_t, s[u], p_chunk[:, u], t[u], blocks[:n_sub], scales)
+            total += _forward_blocks(
+                q, items_t, s, p_chunk, t, blocks, scales, first=n_sub, narrow=(q_cols, item_rows)
+            )
             if not want:
                 continue
             # h = H_k / c: the sum over sizes >= k of scale / c * (softmax - onehot), built from the largest
