@@ -3,7 +3,8 @@
 Each benchmark runs in its own process, so its peak RSS is its own. Dataset benchmarks use Amazon Beauty
 from ``--data_path`` (default ``../shared/datasets``) and fall back to the shipped mm-sample when absent.
 
-    python -m benchmarks.run [--only nested_loss,loss_memory,train_modes,eval_sizes,masked_linear,narrow_grads]
+    python -m benchmarks.run [--only nested_loss,loss_alone,loss_memory,train_modes,eval_sizes,masked_linear,
+        narrow_grads]
         [--data_path=...] [--steps=20] [--out=DIR]
 
 - nested_loss: the paper's D=1024 training step (1 LRU block, 32 x 50 positions, 12,101 items, 1024-d text +
@@ -13,6 +14,9 @@ from ``--data_path`` (default ``../shared/datasets``) and fall back to the shipp
   [rows, items] and [items, rows], the faster being the floor; with ``--official_code=<checkout of
   github.com/yueqirex/fMRLRec>``, also the official model code's step (its LRUModel, embedding path and
   loss); interleaved, medians, and the median over rounds of the side-by-side ratios.
+- loss_alone: the fused loss alone (no encoder) at the D=1024 step's shape and the CPU profile's, with and
+  without its leading blocks' forward in row sub-chunks (``SUB_COLUMNS``), beside the GEMM floor loss alone;
+  interleaved in one process, medians and paired ratios.
 - narrow_grads: the two gradient products of one narrow block of the fused loss at the D=1024 step's chunk
   shape, in both orientations (the wide dimension last, or the narrow one first, as the loss takes them for
   blocks under ``NARROW_COLUMNS``), interleaved, medians.
@@ -35,7 +39,15 @@ import time
 from pathlib import Path
 
 RUNS = Path(__file__).resolve().parent / "runs"
-BENCHMARKS = ("nested_loss", "loss_memory", "train_modes", "eval_sizes", "masked_linear", "narrow_grads")
+BENCHMARKS = (
+    "nested_loss",
+    "loss_alone",
+    "loss_memory",
+    "train_modes",
+    "eval_sizes",
+    "masked_linear",
+    "narrow_grads",
+)
 
 
 def _peak_rss_mb() -> float:
@@ -302,6 +314,63 @@ def bench_nested_loss(args) -> dict:
     if "official" in med:
         out["official_over_fused"] = med["official"] / med["fused"]
         out["paired"]["official_over_fused"] = _paired_ratio(times, "official", "fused")
+    return out
+
+
+def _loss_alone_steps(dim: int, sizes: list[int], rows: int = 1600, n_items: int = 12_101) -> dict:
+    """Steps of the loss alone on random rows and items (see ``bench_loss_alone``)."""
+    import torch
+
+    from recbole_fmrl.model.layers import nested_loss
+
+    torch.manual_seed(0)
+    query = torch.randn(rows, dim, requires_grad=True)
+    items = (0.1 * torch.randn(n_items, dim)).requires_grad_()
+    targets = torch.randint(1, n_items, (rows,))
+    weights = torch.full((len(sizes),), 1.0 / len(sizes))
+
+    def step(loss_fn, sub_columns=nested_loss.SUB_COLUMNS, **kwargs):
+        def run():
+            default, nested_loss.SUB_COLUMNS = nested_loss.SUB_COLUMNS, sub_columns
+            try:
+                query.grad = items.grad = None
+                loss_fn(query, items, targets, sizes, weights, **kwargs).backward()
+            finally:
+                nested_loss.SUB_COLUMNS = default
+
+        return run
+
+    return {
+        "fused": step(nested_loss.nested_cross_entropy),
+        "fused_no_sub_rows": step(nested_loss.nested_cross_entropy, sub_columns=0),
+        "gemm_floor": step(_gemm_floor_loss),
+        "gemm_floor_items_major": step(_gemm_floor_loss, items_major=True),
+    }
+
+
+def bench_loss_alone(args) -> dict:
+    """The loss alone, without the encoder both steps share: the fused loss with its leading blocks' forward
+    in row sub-chunks (``SUB_COLUMNS``, the default) and without (``SUB_COLUMNS = 0``), and the GEMM floor
+    loss in its faster layout, interleaved in one process, at the D=1024 step's shape (8 sizes) and the CPU
+    profile's (D=256, 6 sizes): 1,600 rows, 12,101 items, random queries and items."""
+    import statistics
+
+    out = {}
+    for dim, sizes in ((1024, [8 * 2**k for k in range(8)]), (256, [8, 16, 32, 64, 128, 256])):
+        times = _interleaved_times(_loss_alone_steps(dim, sizes), args.repeats + 2)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        floor = min(("gemm_floor", "gemm_floor_items_major"), key=med.get)
+        out[f"D{dim}"] = {
+            "loss_s": med,
+            "floor": floor,
+            "fused_over_gemm_floor": med["fused"] / med[floor],
+            "no_sub_rows_over_fused": med["fused_no_sub_rows"] / med["fused"],
+            "paired": {
+                "fused_over_gemm_floor": _paired_ratio(times, "fused", floor),
+                "no_sub_rows_over_fused": _paired_ratio(times, "fused_no_sub_rows", "fused"),
+            },
+            "times_s": times,
+        }
     return out
 
 

@@ -339,3 +339,27 @@ def test_nested_loss_takes_the_faster_layout_of_the_floor(monkeypatch):
     out = run.bench_nested_loss(SimpleNamespace(repeats=1, official_code=None))
     assert out["floor"] == "gemm_floor_items_major"
     assert out["fused_over_gemm_floor"] > 1 and out["paired"]["fused_over_gemm_floor"] > 1
+
+
+def test_loss_alone_times_the_fused_loss_with_and_without_sub_rows(monkeypatch):
+    from benchmarks import run
+    from recbole_fmrl.model.layers import nested_loss
+
+    seen = []
+    forward_blocks = nested_loss._forward_blocks
+
+    def recording(*args, **kwargs):
+        seen.append(nested_loss.SUB_COLUMNS)
+        return forward_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(nested_loss, "_forward_blocks", recording)
+    default = nested_loss.SUB_COLUMNS
+    steps = run._loss_alone_steps(16, [4, 8, 16], rows=10, n_items=30)
+    assert set(steps) == {"fused", "fused_no_sub_rows", "gemm_floor", "gemm_floor_items_major"}
+    steps["fused"]()
+    assert seen and set(seen) == {default}
+    seen.clear()
+    steps["fused_no_sub_rows"]()
+    assert seen and set(seen) == {0}
+    assert nested_loss.SUB_COLUMNS == default  # restored after the step
+    steps["gemm_floor"]()
