@@ -32,13 +32,14 @@ TRANSPOSE_BYTES = 16 * 2**20
 # first (one and two threads); blocks of 16 or 32 columns are no faster that way, and on two threads slower
 # (``python -m benchmarks.run --only narrow_grads``).
 NARROW_COLUMNS = 16
-# The leading blocks up to this many columns (sizes 8 to 128 of the paper's nesting) take their forward a
-# few rows at a time: SUB_ROWS rows of scores (3 MiB on 12,101 items) stay in cache through these blocks'
-# GEMMs and softmaxes, where a whole chunk's scores would go to memory and back once per block. These blocks
-# do little GEMM work, so those passes are most of their cost. Their gradients keep whole chunks: in ad-hoc
-# one-thread trials the sub-chunked d-items products, which re-read their accumulators once per sub-chunk,
-# were slower. What the change does to whole steps: ``benchmarks/MEASURED.md``.
-SUB_COLUMNS = 128
+# The leading blocks up to this many columns (sizes 8 to 256: all of the CPU profile's, the first six of the
+# paper's) take their forward a few rows at a time: SUB_ROWS rows of scores (3 MiB on 12,101 items) stay in
+# cache through these blocks' GEMMs and softmaxes, where a whole chunk's scores would go to memory and back
+# once per block. These blocks do little GEMM work, so those passes are most of their cost. Their gradients
+# keep whole chunks: in ad-hoc one-thread trials the sub-chunked d-items products, which re-read their
+# accumulators once per sub-chunk, were slower. Measured: ``python -m benchmarks.run --only loss_alone``
+# (``benchmarks/MEASURED.md``).
+SUB_COLUMNS = 256
 SUB_ROWS = 64
 
 
