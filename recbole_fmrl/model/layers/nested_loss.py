@@ -35,10 +35,10 @@ NARROW_COLUMNS = 16
 # The leading blocks up to this many columns (sizes 8 to 256: all of the CPU profile's, the first six of the
 # paper's) take their forward a few rows at a time: SUB_ROWS rows of scores (3 MiB on 12,101 items) stay in
 # cache through these blocks' GEMMs and softmaxes, where a whole chunk's scores would go to memory and back
-# once per block. These blocks do little GEMM work, so those passes are most of their cost. Their gradients
-# keep whole chunks: in ad-hoc one-thread trials the sub-chunked d-items products, which re-read their
-# accumulators once per sub-chunk, were slower. Measured: ``python -m benchmarks.run --only loss_alone``
-# (``benchmarks/MEASURED.md``).
+# once per block. The narrow blocks do little GEMM work, so those passes are most of their cost. Their
+# gradients keep whole chunks: in ad-hoc one-thread trials the sub-chunked d-items products, which re-read
+# their accumulators once per sub-chunk, were slower. CPU only: on a GPU the sub-chunks would only add kernel
+# launches. Measured: ``python -m benchmarks.run --only loss_alone`` (``benchmarks/MEASURED.md``).
 SUB_COLUMNS = 256
 SUB_ROWS = 64
 
@@ -170,7 +170,7 @@ class _NestedCrossEntropy(torch.autograd.Function):
         # the same shape (transposed into grad_e at the end).
         item_rows = {k: items[:, cols].T.contiguous() for k, cols in narrow.items()}
         # The leading blocks that take their forward SUB_ROWS rows at a time, and their item columns as rows.
-        n_sub = sum(1 for _, b in blocks if b <= SUB_COLUMNS)
+        n_sub = sum(1 for _, b in blocks if b <= SUB_COLUMNS) if query.device.type == "cpu" else 0
         sub_cols = blocks[n_sub - 1][1] if n_sub else 0
         sub_t = items_t[:sub_cols] if small else items[:, :sub_cols].T.contiguous()
         grad_e_narrow = {k: torch.zeros_like(rows) for k, rows in item_rows.items()} if want_e else {}
