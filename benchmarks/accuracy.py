@@ -3,7 +3,7 @@
     python -m benchmarks.accuracy [--dataset=amazon-beauty] [--data_path=../shared/datasets]
         [--variants=SASRec,fMRLRec,fMRLRec-id,LRURec-id,...] [--points=4] [--budget=60] [--epochs=200]
         [--stopping_step=5] [--threads=2] [--jobs=1] [--grid_points=K,VARIANT:K] [--out=DIR]
-        [--continue_from=DIR]
+        [--continue_from=DIR] [--profile=cpu|paper]
 
 Every variant gets the same tuning budget: the first ``--points`` points of its grid (lr x dropout x batch
 size, the defaults first), each trained with early stopping on valid NDCG@10 (patience ``--stopping_step``)
@@ -17,7 +17,10 @@ and ``<out>/summary.json`` + ``summary.md`` (the best-on-valid point of each var
 ``--out`` defaults to the git-ignored ``benchmarks/runs/accuracy-<UTC time>``. ``--continue_from=DIR``
 trains the points that DIR's run stopped by its budget on from their best checkpoint (RecBole's resume) for
 ``--budget`` more minutes, writing the joined record (both runs' epochs and time) to ``--out``; points that
-had converged are copied as they were.
+had converged are copied as they were. ``--profile=paper`` trains the fMRLRec variants with the paper's GPU
+defaults (``model/fMRLRec.yaml``: D=1024, 8 sizes, lr 1e-4, batch 32) and their grid around them, instead of
+the CPU profile (``profiles/fMRLRec-cpu.yaml``: D=256, batch 64) and its grid; the other models are the same
+under both.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ def _grid(lrs, dropouts, batches, dropout_keys) -> list[dict]:
 
 
 _FMRL_GRID = _grid([1e-3, 3e-3], [0.6, 0.3], [256, 64], ("dropout_prob", "attn_dropout_prob"))
+# --profile=paper: the official code's lr (1e-4) and batch (32) first, then ten times the lr and four times
+# the batch; the same two dropouts.
+_FMRL_PAPER_GRID = _grid([1e-4, 1e-3], [0.6, 0.3], [32, 128], ("dropout_prob", "attn_dropout_prob"))
 VARIANTS = {
     # RecBole's SASRec with its own defaults (CE over all items, hidden 64, 2 layers).
     "SASRec": (
@@ -100,6 +106,12 @@ VARIANTS = {
 }
 
 
+def grid(variant: str, profile: str = "cpu") -> list[dict]:
+    """The variant's tuning grid: fMRLRec's depends on the profile, the other models' do not."""
+    model, _, points = VARIANTS[variant]
+    return _FMRL_PAPER_GRID if profile == "paper" and model == "fMRLRec" else points
+
+
 def _checkpoint_dir(out: Path, variant: str, k: int) -> Path:
     """One folder per point: RecBole names a checkpoint by model and start second, so two points of one
     model started together (``--jobs``) would otherwise write, and test, the same file."""
@@ -116,6 +128,7 @@ def _spec(args, variant: str, k: int, point: dict, out: Path) -> dict:
         "valid_metric": "NDCG@10",
         "checkpoint_dir": str(_checkpoint_dir(out, variant, k)),
         "log_wandb": False,
+        **({"device_profile": "paper"} if args.profile == "paper" and model == "fMRLRec" else {}),
         **fixed,
         **point,
     }
@@ -124,7 +137,7 @@ def _spec(args, variant: str, k: int, point: dict, out: Path) -> dict:
         "point": k,
         "model": model,
         "dataset": args.dataset,
-        "config_files": [CPU_PROFILE] if model == "fMRLRec" else [],
+        "config_files": [CPU_PROFILE] if model == "fMRLRec" and args.profile == "cpu" else [],
         "config": config,
         "threads": args.threads,
     }
@@ -250,7 +263,7 @@ def _picked_points(parser: argparse.ArgumentParser, args, variants: list[str]) -
         except ValueError:
             parser.error(f"--grid_points={args.grid_points!r}: give grid indices such as 0,2 or SASRec:1")
         for v in [name] if name else variants:
-            size = len(VARIANTS[v][2])
+            size = len(grid(v, args.profile))
             if not 0 <= k < size:
                 parser.error(f"--grid_points={args.grid_points!r}: {v}'s indices must lie in 0..{size - 1}")
             if k not in picked[v]:
@@ -283,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a finished run's folder: its budget-stopped points train on from their best checkpoint, which "
         "this harness saved there and which is loaded as trusted (pickled), for --budget more minutes",
     )
+    parser.add_argument(
+        "--profile",
+        choices=["cpu", "paper"],
+        default="cpu",
+        help="fMRLRec's settings and grid: the CPU profile's (D=256) or the paper's GPU defaults (D=1024)",
+    )
     args = parser.parse_args(argv)
 
     from recbole_fmrl.benchmark import run_in_subprocess
@@ -299,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results, todo = [], []
     for variant in variants:
-        grid = VARIANTS[variant][2]
-        for k in picked[variant] if picked is not None else range(min(args.points, len(grid))):
-            point = grid[k]
+        points = grid(variant, args.profile)
+        for k in picked[variant] if picked is not None else range(min(args.points, len(points))):
+            point = points[k]
             target = out / f"{variant}-{k}.json"
             if target.is_file():  # a rerun resumes: finished points are kept, not retrained
                 results.append(json.loads(target.read_text()))

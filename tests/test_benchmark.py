@@ -95,17 +95,21 @@ def _fake_accuracy_runs(monkeypatch) -> list:
 
     def fake_run(spec, cwd=None):
         trained.append((spec["variant"], spec["point"], spec["config"]["train_batch_size"]))
-        return {
-            "best_valid_score": 0.01 * (spec["point"] + 1),
-            "test_result": {"ndcg@10": 0.02, "recall@10": 0.04},
-            "epochs": 1,
-            "best_epoch": 1,
-            "stopped_by": "epochs",
-            "train_seconds": 60.0,
-        }
+        return _fake_result(spec)
 
     monkeypatch.setattr(benchmark, "run_in_subprocess", fake_run)
     return trained
+
+
+def _fake_result(spec) -> dict:
+    return {
+        "best_valid_score": 0.01 * (spec["point"] + 1),
+        "test_result": {"ndcg@10": 0.02, "recall@10": 0.04},
+        "epochs": 1,
+        "best_epoch": 1,
+        "stopped_by": "epochs",
+        "train_seconds": 60.0,
+    }
 
 
 def test_accuracy_script_trains_the_picked_grid_points_and_resumes(tmp_path, monkeypatch, capsys):
@@ -138,7 +142,9 @@ def test_accuracy_points_of_one_model_save_and_resume_in_their_own_folders(tmp_p
 
     from benchmarks import accuracy
 
-    args = argparse.Namespace(data_path="d", epochs=1, stopping_step=1, budget=1.0, threads=1, dataset="x")
+    args = argparse.Namespace(
+        data_path="d", epochs=1, stopping_step=1, budget=1.0, threads=1, dataset="x", profile="cpu"
+    )
     grid = accuracy.VARIANTS["SASRec"][2]
     folders = {
         k: accuracy._spec(args, "SASRec", k, grid[k], tmp_path)["config"]["checkpoint_dir"] for k in (3, 5)
@@ -173,6 +179,34 @@ def test_accuracy_script_picks_grid_points_per_variant(tmp_path, monkeypatch, ca
         with pytest.raises(SystemExit):
             accuracy.main(["--variants=SASRec,fMRLRec", f"--out={tmp_path}", f"--grid_points={bad}"])
         assert message in capsys.readouterr().err
+
+
+def test_accuracy_paper_profile_trains_fmrlrec_with_the_paper_defaults_and_grid(tmp_path, monkeypatch):
+    """--profile=paper: fMRLRec without the CPU profile (device_profile: paper, so on a CPU too) over the
+    grid around the official lr and batch; SASRec's grid and settings do not change."""
+    from benchmarks import accuracy
+    from recbole_fmrl.config import Config
+
+    specs = []
+    monkeypatch.setattr(
+        benchmark, "run_in_subprocess", lambda spec, cwd=None: specs.append(spec) or _fake_result(spec)
+    )
+    argv = [
+        "--variants=SASRec,fMRLRec",
+        f"--out={tmp_path}",
+        "--grid_points=SASRec:1,fMRLRec:5",
+        "--profile=paper",
+    ]
+    assert accuracy.main(argv) == 0
+    sasrec, fmrlrec = sorted(specs, key=lambda spec: spec["variant"])
+    assert sasrec["config_files"] == [] and "device_profile" not in sasrec["config"]
+    assert sasrec["config"]["train_batch_size"] == accuracy.VARIANTS["SASRec"][2][1]["train_batch_size"]
+    assert fmrlrec["config_files"] == [] and fmrlrec["config"]["device_profile"] == "paper"
+    assert (fmrlrec["config"]["learning_rate"], fmrlrec["config"]["train_batch_size"]) == (1e-3, 128)
+    settings = {k: v for k, v in fmrlrec["config"].items() if k != "data_path"}  # mm-sample ships with us
+    config = Config("fMRLRec", "mm-sample", config_dict={**settings, "use_gpu": False}, cli_args=[])
+    assert config["hidden_size"] == 1024 and config["mrl_sizes"][-1] == 1024
+    assert config["train_batch_size"] == 128 and config["lr_scheduler"] == "cosine"
 
 
 def test_accuracy_variants_pin_their_item_tower_whatever_the_cpu_profile_says():
