@@ -6,13 +6,18 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?= --model=fMRLRec --dataset=mm-sample --config_files=properties/profiles/fMRLRec-cpu.yaml
 
-.PHONY: demo test lint bench data clean
+.PHONY: demo test lint bench data clean python-check
 
 $(STAMP): pyproject.toml constraints.txt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || { $(MAKE) --no-print-directory python-check && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	@touch $(STAMP)
+
+# ray 2.6.3, the newest ray RecBole 1.2.1 accepts, has wheels up to Python 3.11 only: say so before pip fails.
+python-check:
+	@v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])') && case "$$v" in 3.10|3.11) ;; \
+	*) echo "make: $(PYTHON) is Python $$v; recbole-fmrl needs Python 3.10 or 3.11 (ray 2.6.3, RecBole 1.2.1's cap, has no wheels for newer ones): set PYTHON, for example make test PYTHON=python3.11" >&2; exit 1;; esac
 
 demo: $(STAMP)
 	$(PY) run_recbole_fmrl.py $(DEMO_ARGS)

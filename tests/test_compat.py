@@ -1,6 +1,10 @@
 """Each test fails without its fix in recbole_fmrl/compat.py."""
 
 import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -130,3 +134,19 @@ def test_coverage_and_popularity_metrics_run_in_recbole_own_trainer(in_tmp):
     )
     test = result["test_result"]
     assert 0 < test["itemcoverage@10"] <= 1 and test["averagepopularity@10"] > 0
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_names_the_python_versions_ray_2_6_3_installs_on(tmp_path):
+    """pip would fail deep in the install on Python 3.12+ (no ray 2.6.3 wheel); make says it first."""
+    newer = tmp_path / "python3.12"
+    newer.write_text("#!/bin/sh\necho 3.12\n")
+    newer.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    for python, ok in ((sys.executable, True), (str(newer), False)):
+        run = subprocess.run(
+            ["make", "-s", "python-check", f"PYTHON={python}"], cwd=root, capture_output=True, text=True
+        )
+        assert (run.returncode == 0) == ok, run.stderr
+    assert "is Python 3.12; recbole-fmrl needs Python 3.10 or 3.11" in run.stderr
+    assert 'requires-python = ">=3.10,<3.12"' in (root / "pyproject.toml").read_text()
