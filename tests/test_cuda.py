@@ -19,6 +19,7 @@ from recbole.utils import init_seed
 
 from recbole_fmrl.config import Config
 from recbole_fmrl.model.layers.mamba import MambaEncoder
+from recbole_fmrl.model.layers.matryoshka import MatryoshkaLayerNorm
 from recbole_fmrl.model.layers.nested_loss import nested_cross_entropy, nested_cross_entropy_reference
 from recbole_fmrl.model.sequential_recommender.fmrlrec import fMRLRec
 from recbole_fmrl.quick_start import run_recbole_fmrl
@@ -98,9 +99,25 @@ def test_model_on_cuda_equals_the_model_on_cpu(mm, encoder):
             )
 
 
+def test_nested_layer_norm_is_deterministic_on_cuda_by_default():
+    """Per-block ``F.layer_norm`` rather than a scatter (``index_add_``, atomic on CUDA): two backward passes
+    give equal gradients without PyTorch's deterministic mode."""
+    norm = MatryoshkaLayerNorm([8, 16, 32, 64, 1024]).cuda()
+    x = torch.randn(4096, 1024, device="cuda", requires_grad=True)
+    upstream = torch.randn(4096, 1024, device="cuda")
+    grads = []
+    for _ in range(2):
+        norm.zero_grad()
+        x.grad = None
+        (norm(x) * upstream).sum().backward()
+        grads.append([x.grad.clone(), norm.weight.grad.clone(), norm.bias.grad.clone()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_training_step_on_cuda_is_deterministic(mm, monkeypatch):
-    """With PyTorch's deterministic mode on, a step raises if any op has no deterministic CUDA kernel (as
-    ``index_add_`` once had in the nested layer norm), and two steps give equal gradients."""
+    """With PyTorch's deterministic mode on, a step raises if any op has no deterministic CUDA kernel, and two
+    steps give equal gradients."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     model = _model(mm).cuda().train()
     batch = next(iter(mm[1])).to("cuda")
