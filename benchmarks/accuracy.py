@@ -66,6 +66,7 @@ _FMRL_GRID = _grid([1e-3, 3e-3], [0.6, 0.3], [256, 64], ("dropout_prob", "attn_d
 # --profile=paper: the official code's lr (1e-4) and batch (32) first, then ten times the lr and four times
 # the batch; the same two dropouts.
 _FMRL_PAPER_GRID = _grid([1e-4, 1e-3], [0.6, 0.3], [32, 128], ("dropout_prob", "attn_dropout_prob"))
+_D512 = {"hidden_size": 512, "mrl_sizes": [8, 16, 32, 64, 128, 256, 512]}
 VARIANTS = {
     # RecBole's SASRec with its own defaults (CE over all items, hidden 64, 2 layers).
     "SASRec": (
@@ -89,6 +90,18 @@ VARIANTS = {
     "fMRLRec-frozen-std": (
         "fMRLRec",
         {"freeze_features": True, "use_id_embedding": False, "feature_norm": "standardize"},
+        _FMRL_GRID,
+    ),
+    # The two text-only variants at D=512 (the CPU profile's sizes, then 512), to test whether the profile's
+    # D=256 is what holds text-only fMRLRec back.
+    "fMRLRec-d512": (
+        "fMRLRec",
+        {"freeze_features": False, "use_id_embedding": False, **_D512},
+        _FMRL_GRID,
+    ),
+    "fMRLRec-std-d512": (
+        "fMRLRec",
+        {"freeze_features": False, "use_id_embedding": False, "feature_norm": "standardize", **_D512},
         _FMRL_GRID,
     ),
     # Trained features plus a learned ID embedding.

@@ -226,7 +226,9 @@ def test_accuracy_variants_pin_their_item_tower_whatever_the_cpu_profile_says():
         )
         towers[name] = (config["freeze_features"], config["use_id_embedding"], bool(config["modalities"]))
         assert {"freeze_features", "use_id_embedding"} <= set(fixed) or not config["modalities"], name
-        assert config["feature_norm"] == ("standardize" if name.endswith("-std") else "none"), name
+        assert config["feature_norm"] == ("standardize" if "-std" in name else "none"), name
+        assert config["hidden_size"] == (512 if name.endswith("-d512") else 256), name
+        assert config["mrl_sizes"][-1] == config["hidden_size"], name
     assert towers["fMRLRec"] == (False, False, True)
     assert towers["fMRLRec-frozen"] == (True, False, True)
     assert towers["fMRLRec-id"] == (False, True, True)
@@ -234,6 +236,7 @@ def test_accuracy_variants_pin_their_item_tower_whatever_the_cpu_profile_says():
     assert (
         towers["fMRLRec-std"] == towers["fMRLRec"]
         and towers["fMRLRec-frozen-std"] == towers["fMRLRec-frozen"]
+        and towers["fMRLRec-d512"] == towers["fMRLRec-std-d512"] == towers["fMRLRec"]
     )
     assert towers["LRURec-id"][1:] == (True, False)
 
