@@ -1,8 +1,8 @@
 """The CUDA paths: each equals its CPU counterpart, and every model trains end to end on a GPU.
 
 CI has no GPU, so this module skips there; it runs where ``torch.cuda.is_available()``. The CPU side of each
-comparison is the path the rest of the suite tests (a packed scan, the row sub-chunked loss, the CPU top-k),
-so a CUDA result that equals it is as right as the CPU one.
+comparison is the path the rest of the suite tests (the packed scan, the row sub-chunked loss), so a CUDA
+result that equals it is as right as the CPU one.
 """
 
 from __future__ import annotations
@@ -163,19 +163,17 @@ def text_features(mm, tmp_path) -> dict:
 
 
 @pytest.mark.parametrize(
-    "model, extra",
+    "model, extra, with_text",
     [
         # No hidden_size: device_profile auto keeps the paper's D=1024 and 8 sizes on a GPU.
-        ("fMRLRec", {"train_batch_size": 32, "features": True}),
-        ("fMRLRec", {**ID_ONLY, "encoder": "mamba", "mrl_sizes": [16, 64]}),
-        ("MRL4Rec", {}),
-        ("QARMRec", {"qarm_align_epochs": 1, "features": True}),
+        ("fMRLRec", {"train_batch_size": 32}, True),
+        ("fMRLRec", {**ID_ONLY, "encoder": "mamba", "mrl_sizes": [16, 64]}, False),
+        ("MRL4Rec", {}, False),
+        ("QARMRec", {"qarm_align_epochs": 1}, True),
     ],
 )
-def test_every_model_trains_and_tests_on_cuda(in_tmp, text_features, model, extra):
-    extra = dict(extra)
-    if extra.pop("features", False):
-        extra.update(text_features)
+def test_every_model_trains_and_tests_on_cuda(in_tmp, text_features, model, extra, with_text):
+    extra = {**extra, **(text_features if with_text else {})}
     torch.cuda.reset_peak_memory_stats()
     result = run_recbole_fmrl(
         model, "mm-sample", config_dict={**FAST, "checkpoint_dir": str(in_tmp), **extra}, cli_args=[]
