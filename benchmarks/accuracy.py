@@ -104,6 +104,13 @@ VARIANTS = {
         {"freeze_features": False, "use_id_embedding": False, "feature_norm": "standardize", **_D512},
         _FMRL_GRID,
     ),
+    # Frozen features plus a trained copy of them (train_feature_copy): frozen text + ID's structure, with
+    # the per-item trained part initialised from the text instead of noise; text features only, no IDs.
+    "fMRLRec-frozen-copy": (
+        "fMRLRec",
+        {"freeze_features": True, "train_feature_copy": True, "use_id_embedding": False},
+        _FMRL_GRID,
+    ),
     # Trained features plus a learned ID embedding.
     "fMRLRec-id": ("fMRLRec", {"use_id_embedding": True, "freeze_features": False}, _FMRL_GRID),
     # Frozen features plus a learned ID embedding: today's CPU profile.

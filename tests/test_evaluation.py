@@ -232,9 +232,13 @@ def test_checkpoint_from_before_new_keys_loads_with_their_defaults(trained, tmp_
     assert model.encoder.__class__.__name__ == "LRUEncoder"
 
 
-def test_export_with_trained_features_is_a_folded_table_and_scores_alike(in_tmp, monkeypatch):
-    """freeze_features: False: the exported file holds an n_items x m table instead of the feature table, and
-    loads (as an ID-embedding model) to the nested model's size-m scores."""
+@pytest.mark.parametrize(
+    "tower", [{"freeze_features": False}, {"freeze_features": True, "train_feature_copy": True}]
+)
+def test_export_with_trained_features_is_a_folded_table_and_scores_alike(in_tmp, monkeypatch, tower):
+    """freeze_features: False, or a trained copy beside frozen features: the exported file holds an
+    n_items x m table instead of the feature tables (and no digest of the frozen ones), and loads (as an
+    ID-embedding model) to the nested model's size-m scores."""
     import numpy as np
 
     dataset = Path(__file__).resolve().parents[1] / "dataset_atomic" / "mm-sample" / "mm-sample.item"
@@ -248,7 +252,7 @@ def test_export_with_trained_features_is_a_folded_table_and_scores_alike(in_tmp,
             **FAST,
             "modalities": ["text"],
             "precomputed_features": {"text": {"path": str(in_tmp / "f.npy"), "ids": str(in_tmp / "ids.txt")}},
-            "freeze_features": False,
+            **tower,
             "hidden_size": 32,
             "mrl_sizes": SIZES,
             "checkpoint_dir": str(in_tmp),
@@ -261,7 +265,7 @@ def test_export_with_trained_features_is_a_folded_table_and_scores_alike(in_tmp,
     )
     state = read_portable(path)
     assert state["config"]["modalities"] == [] and state["config"]["use_id_embedding"] is True
-    assert "item_tower.features" not in state["state_dict"]
+    assert not any(key.startswith("item_tower.feature") for key in state["state_dict"])
     assert state["state_dict"]["item_tower.id_embedding.weight"].shape == (len(tokens) + 1, 8)
     _, nested, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
     _, sub, *_ = load_data_and_model(str(path))

@@ -147,6 +147,12 @@ def test_training_beats_popularity_on_mm_sample(in_tmp):
         ({"modalities": ["audio"]}, ConfigError, "\\['audio'\\] have no features"),
         ({"feature_norm": "zscore"}, ConfigError, "feature_norm='zscore' is not valid"),
         ({"feature_norm": "standardize", "item_tower": "qarm"}, ConfigError, "item_tower: features only"),
+        ({"train_feature_copy": True}, ConfigError, "train_feature_copy=True .* needs .* a modality"),
+        (
+            {"train_feature_copy": True, "modalities": ["text"], "freeze_features": False},
+            ConfigError,
+            "freeze_features=True \\(with freeze_features=False the features are trained already\\)",
+        ),
     ],
 )
 def test_bad_config_is_rejected(mm, extra, error, match):
@@ -160,6 +166,8 @@ def test_bad_config_is_rejected(mm, extra, error, match):
         "train_mode": "all_positions",
         "feature_norm": "none",
         "item_tower": "features",
+        "train_feature_copy": False,
+        "freeze_features": True,
     }
     saved = {key: config[key] for key in {**base, **extra}}
     for key, value in {**base, **extra}.items():
@@ -280,4 +288,46 @@ def test_trainable_features_are_learned_saved_and_exported(mm, tmp_path):
             "eval_size": 4,
             "modalities": [],
             "use_id_embedding": True,
+            "train_feature_copy": False,
         }
+
+
+def test_trained_feature_copy_learns_beside_fixed_features_and_exports_folded(mm, tmp_path):
+    """train_feature_copy: the frozen features stay fixed and out of the state dict, the copy starts equal
+    to them and is learned and saved, the item embedding is the sum of both projections, and every size's
+    export scores alike from one folded n_items x m table."""
+    config, dataset, train, test = mm
+    tokens = list(dataset.field2id_token["item_id"][1:])
+    matrix = np.random.default_rng(1).normal(size=(len(tokens), 12)).astype(np.float32)
+    np.save(tmp_path / "f.npy", matrix)
+    (tmp_path / "ids.txt").write_text("\n".join(tokens))
+    features = {"text": {"path": str(tmp_path / "f.npy"), "ids": str(tmp_path / "ids.txt")}}
+    extra = {"modalities": ["text"], "precomputed_features": features, "use_id_embedding": False}
+    try:
+        model = build(mm, [4, 16], 0, **extra, train_feature_copy=True).train()
+    finally:
+        config["precomputed_features"], config["modalities"], config["train_feature_copy"] = None, [], False
+    tower = model.item_tower
+    params = dict(model.named_parameters())
+    assert "item_tower.features" not in params and "item_tower.features" not in model.state_dict()
+    assert torch.equal(params["item_tower.feature_copy"].detach(), tower.features)
+    with torch.no_grad():
+        expected = tower.projection(tower.features) + tower.features @ tower.copy_projection.weight.T
+        torch.testing.assert_close(tower(), expected)
+    fixed, copy = tower.features.clone(), tower.feature_copy.detach().clone()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.calculate_loss(next(iter(train))).backward()
+    optimizer.step()
+    assert torch.equal(tower.features, fixed)
+    assert not torch.equal(tower.feature_copy.detach(), copy)
+    assert torch.equal(model.state_dict()["item_tower.feature_copy"], tower.feature_copy.detach())
+    model.eval()
+    batch = first_batch(test)
+    with torch.no_grad():
+        all_sizes = model.full_sort_predict_sizes(batch)
+        for k, m in enumerate([4, 16]):
+            sub = export_submodel(model, m)
+            torch.testing.assert_close(sub.full_sort_predict(batch), all_sizes[k], rtol=1e-4, atol=1e-4)
+            assert parameter_counts(sub)["item_tower"] == fixed.size(0) * m
+            assert not any(key.startswith("item_tower.feature") for key in sub.state_dict())
+    assert model.submodel_config(4)["modalities"] == [] and model.submodel_config(4)["use_id_embedding"]

@@ -52,7 +52,8 @@ class FeatureMismatchError(CheckpointError):
 
 
 class ItemTower(nn.Module):
-    """Item embedding = projection(concat of modality features) [+ ID embedding]; used for input and output.
+    """Item embedding = projection(concat of modality features) [+ projection of a trained copy of them]
+    [+ ID embedding]; used for input and output.
 
     Frozen features are a non-persistent buffer: checkpoints stay small and reload them from the feature
     cache. Their digest is saved instead and checked on load, so a checkpoint never silently scores with
@@ -67,6 +68,7 @@ class ItemTower(nn.Module):
         use_id_embedding: bool,
         freeze_features: bool,
         allow_empty: bool = False,
+        train_feature_copy: bool = False,
     ):
         super().__init__()
         self.modalities = list(features)
@@ -79,6 +81,19 @@ class ItemTower(nn.Module):
             else:
                 self.features = nn.Parameter(stacked)
             self.projection = nn.Linear(stacked.size(1), hidden_size)
+        self.feature_copy = self.copy_projection = None
+        if train_feature_copy:
+            # Frozen features as a fixed anchor of item similarity, and a trained copy initialised from the
+            # same features that learns what they miss: the structure of frozen features + ID embedding,
+            # with the per-item trained part starting from the item's text instead of noise.
+            if not features or not freeze_features:
+                raise ValueError(
+                    "train_feature_copy: True adds a trained copy beside frozen features: it needs "
+                    "modalities and freeze_features: True (with freeze_features: False the features are "
+                    "trained already)."
+                )
+            self.feature_copy = nn.Parameter(stacked.clone())
+            self.copy_projection = nn.Linear(stacked.size(1), hidden_size, bias=False)
         self.id_embedding = None
         if use_id_embedding:  # RecBole's init N(0, 0.02) with a zero padding row; N(0, 1) gives a CE of ~85
             self.id_embedding = nn.Embedding(n_items, hidden_size, padding_idx=0)
@@ -111,19 +126,22 @@ class ItemTower(nn.Module):
 
     @property
     def folds_on_export(self) -> bool:
-        """Trained features (``freeze_features: False``) are per-item parameters as wide as the features: a
-        size-m export keeps only their projection's first m columns, as an ID-embedding table of width m."""
-        return self.FOLD_TRAINED_FEATURES and isinstance(getattr(self, "features", None), nn.Parameter)
+        """Trained features (``freeze_features: False``, or ``train_feature_copy``) are per-item parameters
+        as wide as the features: a size-m export keeps only the item embeddings' first m columns, as an
+        ID-embedding table of width m."""
+        trained = isinstance(getattr(self, "features", None), nn.Parameter) or self.feature_copy is not None
+        return self.FOLD_TRAINED_FEATURES and trained
 
     @torch.no_grad()
     def slice_(self, sizes: list[int]) -> None:
         m = sizes[-1]
         if self.folds_on_export:
-            table = self.projection(self.features)[:, :m]
-            if self.id_embedding is not None:
-                table = table + self.id_embedding.weight[:, :m]
+            table = self.forward()[:, :m]
             del self.features
+            if hasattr(self, "features_digest"):  # the folded table no longer reads the frozen features
+                del self.features_digest
             self.projection, self.modalities = None, []
+            self.feature_copy = self.copy_projection = None
             self.id_embedding = nn.Embedding(table.size(0), m, padding_idx=0).to(table)
             self.id_embedding.weight.copy_(table)
             return
@@ -138,6 +156,8 @@ class ItemTower(nn.Module):
     def forward(self) -> torch.Tensor:
         """Embeddings of all items, ``[n_items, hidden_size]``."""
         out = self.projection(self.features) if self.projection is not None else 0
+        if self.feature_copy is not None:
+            out = out + self.copy_projection(self.feature_copy)
         if self.id_embedding is not None:
             out = out + self.id_embedding.weight
         return out

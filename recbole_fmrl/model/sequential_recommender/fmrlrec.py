@@ -88,6 +88,14 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
                 "modalities is empty and use_id_embedding is False: the items have no representation; "
                 "list a modality or set use_id_embedding=True."
             )
+        if config["train_feature_copy"] and (
+            not modalities or not config["freeze_features"] or config["item_tower"] != "features"
+        ):
+            raise ConfigError(
+                "train_feature_copy=True trains a copy of the item features beside the frozen ones: it needs "
+                "item_tower: features, a modality and freeze_features=True (with freeze_features=False the "
+                "features are trained already); or set train_feature_copy=False."
+            )
         for key in ("dropout_prob", "attn_dropout_prob"):
             value = config[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
@@ -157,7 +165,8 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
         modalities = as_list(config["modalities"])
         features = load_item_features(config, dataset, modalities) if modalities else {}
         features = normalize_features(features, config["feature_norm"] or "none")
-        return ItemTower(self.n_items, self.hidden_size, features, use_id, freeze)
+        copy = bool(config["train_feature_copy"])
+        return ItemTower(self.n_items, self.hidden_size, features, use_id, freeze, train_feature_copy=copy)
 
     def encode(
         self, item_seq: torch.Tensor, items: torch.Tensor, last: torch.Tensor | None = None
@@ -201,7 +210,7 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
         """With trained features the export's item tower is one folded table (``ItemTower.slice_``)."""
         keys = super().submodel_config(size)
         if self.item_tower.folds_on_export:
-            keys.update({"modalities": [], "use_id_embedding": True})
+            keys.update({"modalities": [], "use_id_embedding": True, "train_feature_copy": False})
         return keys
 
     def score_operands(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
