@@ -47,6 +47,27 @@ def first_batch(loader):
     return next(iter(loader))[0]
 
 
+def random_text_features(dataset, folder, seed: int) -> dict:
+    """precomputed_features of 12 random text feature columns for the dataset's items, saved in folder."""
+    tokens = list(dataset.field2id_token["item_id"][1:])
+    matrix = np.random.default_rng(seed).normal(size=(len(tokens), 12)).astype(np.float32)
+    np.save(folder / "f.npy", matrix)
+    (folder / "ids.txt").write_text("\n".join(tokens))
+    return {"text": {"path": str(folder / "f.npy"), "ids": str(folder / "ids.txt")}}
+
+
+def assert_exports_are_folded_tables(model, batch, sizes) -> None:
+    """Each size's export scores as the nested model at that size, from one n_items x m table (the trained
+    features and their projection folded), and keeps no feature table."""
+    with torch.no_grad():
+        all_sizes = model.full_sort_predict_sizes(batch)
+        for k, m in enumerate(sizes):
+            sub = export_submodel(model, m)
+            torch.testing.assert_close(sub.full_sort_predict(batch), all_sizes[k], rtol=1e-4, atol=1e-4)
+            assert parameter_counts(sub)["item_tower"] == model.n_items * m
+            assert not any(key.startswith("item_tower.feature") for key in sub.state_dict())
+
+
 nestings = st.lists(st.integers(1, 20), min_size=1, max_size=4, unique=True).map(sorted)
 
 
@@ -250,11 +271,7 @@ def test_trainable_features_are_learned_saved_and_exported(mm, tmp_path):
     a step changes it, the state dict carries it, and every size's export scores with the trained table,
     folded into an n_items x m table."""
     config, dataset, train, test = mm
-    tokens = list(dataset.field2id_token["item_id"][1:])
-    matrix = np.random.default_rng(0).normal(size=(len(tokens), 12)).astype(np.float32)
-    np.save(tmp_path / "f.npy", matrix)
-    (tmp_path / "ids.txt").write_text("\n".join(tokens))
-    features = {"text": {"path": str(tmp_path / "f.npy"), "ids": str(tmp_path / "ids.txt")}}
+    features = random_text_features(dataset, tmp_path, seed=0)
     saved = config["freeze_features"]
     try:
         frozen = build(
@@ -273,15 +290,8 @@ def test_trainable_features_are_learned_saved_and_exported(mm, tmp_path):
     optimizer.step()
     assert not torch.equal(table.detach(), before)
     assert torch.equal(model.state_dict()["item_tower.features"], table.detach())
-    model.eval()
-    batch = first_batch(test)
+    assert_exports_are_folded_tables(model.eval(), first_batch(test), [4, 16])
     with torch.no_grad():
-        all_sizes = model.full_sort_predict_sizes(batch)
-        for k, m in enumerate([4, 16]):
-            sub = export_submodel(model, m)
-            torch.testing.assert_close(sub.full_sort_predict(batch), all_sizes[k], rtol=1e-4, atol=1e-4)
-            # The export folds the trained table into its projection's first m columns: n_items x m.
-            assert parameter_counts(sub)["item_tower"] == table.size(0) * m
         assert model.submodel_config(4) | {"mrl_sizes": None} == {
             "hidden_size": 4,
             "mrl_sizes": None,
@@ -297,11 +307,7 @@ def test_trained_feature_copy_learns_beside_fixed_features_and_exports_folded(mm
     to them and is learned and saved, the item embedding is the sum of both projections, and every size's
     export scores alike from one folded n_items x m table."""
     config, dataset, train, test = mm
-    tokens = list(dataset.field2id_token["item_id"][1:])
-    matrix = np.random.default_rng(1).normal(size=(len(tokens), 12)).astype(np.float32)
-    np.save(tmp_path / "f.npy", matrix)
-    (tmp_path / "ids.txt").write_text("\n".join(tokens))
-    features = {"text": {"path": str(tmp_path / "f.npy"), "ids": str(tmp_path / "ids.txt")}}
+    features = random_text_features(dataset, tmp_path, seed=1)
     extra = {"modalities": ["text"], "precomputed_features": features, "use_id_embedding": False}
     try:
         model = build(mm, [4, 16], 0, **extra, train_feature_copy=True).train()
@@ -321,13 +327,5 @@ def test_trained_feature_copy_learns_beside_fixed_features_and_exports_folded(mm
     assert torch.equal(tower.features, fixed)
     assert not torch.equal(tower.feature_copy.detach(), copy)
     assert torch.equal(model.state_dict()["item_tower.feature_copy"], tower.feature_copy.detach())
-    model.eval()
-    batch = first_batch(test)
-    with torch.no_grad():
-        all_sizes = model.full_sort_predict_sizes(batch)
-        for k, m in enumerate([4, 16]):
-            sub = export_submodel(model, m)
-            torch.testing.assert_close(sub.full_sort_predict(batch), all_sizes[k], rtol=1e-4, atol=1e-4)
-            assert parameter_counts(sub)["item_tower"] == fixed.size(0) * m
-            assert not any(key.startswith("item_tower.feature") for key in sub.state_dict())
+    assert_exports_are_folded_tables(model.eval(), first_batch(test), [4, 16])
     assert model.submodel_config(4)["modalities"] == [] and model.submodel_config(4)["use_id_embedding"]
