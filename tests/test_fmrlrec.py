@@ -13,6 +13,7 @@ from recbole_fmrl.config import Config
 from recbole_fmrl.data.features import FeatureError
 from recbole_fmrl.data.training_windows import last_windows
 from recbole_fmrl.errors import ConfigError
+from recbole_fmrl.model.layers.item_tower import ItemTower
 from recbole_fmrl.model.layers.matryoshka import MatryoshkaSizeError
 from recbole_fmrl.model.sequential_recommender.fmrlrec import fMRLRec
 from recbole_fmrl.quick_start import run_recbole_fmrl
@@ -300,6 +301,12 @@ def test_trainable_features_are_learned_saved_and_exported(mm, tmp_path):
             "use_id_embedding": True,
             "train_feature_copy": False,
         }
+
+
+@pytest.mark.parametrize("features, freeze", [({}, True), ({"text": torch.ones(5, 3)}, False)])
+def test_feature_copy_needs_frozen_features(features, freeze):
+    with pytest.raises(ValueError, match="needs modalities and freeze_features: True"):
+        ItemTower(5, 4, features, use_id_embedding=True, freeze_features=freeze, train_feature_copy=True)
 
 
 def test_trained_feature_copy_learns_beside_fixed_features_and_exports_folded(mm, tmp_path):
