@@ -222,13 +222,20 @@ def test_checkpoint_from_before_new_keys_loads_with_their_defaults(trained, tmp_
     """A pickled checkpoint of an older version lacks keys added since (encoder, item_tower, ...)."""
     result, _ = trained
     checkpoint = torch.load(result["saved_model_file"], weights_only=False)
-    for key in ("encoder", "item_tower", "mamba_impl", "qarm_codes", "mrl_eval_scoring"):
+    for key in (
+        "encoder",
+        "item_tower",
+        "mamba_impl",
+        "qarm_codes",
+        "mrl_eval_scoring",
+        "train_feature_copy",
+    ):
         del checkpoint["config"].final_config_dict[key]
     old = tmp_path / "old.pth"
     torch.save(checkpoint, old)
     config, model, *_ = load_data_and_model(str(old), trust=True)
     assert config["encoder"] == "lru" and config["item_tower"] == "features"
-    assert config["mrl_eval_scoring"] == "fused"
+    assert config["mrl_eval_scoring"] == "fused" and config["train_feature_copy"] is False
     assert model.encoder.__class__.__name__ == "LRUEncoder"
 
 
