@@ -14,9 +14,10 @@ from ``--data_path`` (default ``../shared/datasets``) and fall back to the shipp
   [rows, items] and [items, rows], the faster being the floor; with ``--official_code=<checkout of
   github.com/yueqirex/fMRLRec>``, also the official model code's step (its LRUModel, embedding path and
   loss); interleaved, medians, and the median over rounds of the side-by-side ratios.
-- loss_alone: the fused loss alone (no encoder) at the D=1024 step's shape and the CPU profile's, with and
-  without its leading blocks' forward in row sub-chunks (``SUB_COLUMNS``), beside the GEMM floor loss alone;
-  interleaved in one process, medians and paired ratios.
+- loss_alone: the fused loss alone (no encoder) at the D=1024 step's shape and the CPU profile's, as it is,
+  without its leading blocks' forward in row sub-chunks (``SUB_COLUMNS``) and without its wide blocks'
+  forward in item tiles (``ITEM_TILE``), beside the GEMM floor loss alone; interleaved in one process,
+  medians and paired ratios.
 - narrow_grads: the two gradient products of one narrow block of the fused loss at the D=1024 step's chunk
   shape, in both orientations (the wide dimension last, or the narrow one first, as the loss takes them for
   blocks under ``NARROW_COLUMNS``), interleaved, medians.
@@ -329,30 +330,37 @@ def _loss_alone_steps(dim: int, sizes: list[int], rows: int = 1600, n_items: int
     targets = torch.randint(1, n_items, (rows,))
     weights = torch.full((len(sizes),), 1.0 / len(sizes))
 
-    def step(loss_fn, sub_columns=nested_loss.SUB_COLUMNS, **kwargs):
+    def step(loss_fn, patch=None, **kwargs):
+        """``patch``: module constants of ``nested_loss`` to set for the step, and restore after it."""
+
         def run():
-            default, nested_loss.SUB_COLUMNS = nested_loss.SUB_COLUMNS, sub_columns
+            defaults = {name: getattr(nested_loss, name) for name in patch or {}}
             try:
+                for name, value in (patch or {}).items():
+                    setattr(nested_loss, name, value)
                 query.grad = items.grad = None
                 loss_fn(query, items, targets, sizes, weights, **kwargs).backward()
             finally:
-                nested_loss.SUB_COLUMNS = default
+                for name, value in defaults.items():
+                    setattr(nested_loss, name, value)
 
         return run
 
     return {
         "fused": step(nested_loss.nested_cross_entropy),
-        "fused_no_sub_rows": step(nested_loss.nested_cross_entropy, sub_columns=0),
+        "fused_no_sub_rows": step(nested_loss.nested_cross_entropy, {"SUB_COLUMNS": 0}),
+        "fused_no_item_tiles": step(nested_loss.nested_cross_entropy, {"ITEM_TILE": 0}),
         "gemm_floor": step(_gemm_floor_loss),
         "gemm_floor_items_major": step(_gemm_floor_loss, items_major=True),
     }
 
 
 def bench_loss_alone(args) -> dict:
-    """The loss alone, without the encoder both steps share: the fused loss with its leading blocks' forward
-    in row sub-chunks (``SUB_COLUMNS``, the default) and without (``SUB_COLUMNS = 0``), and the GEMM floor
-    loss in its faster layout, interleaved in one process, at the D=1024 step's shape (8 sizes) and the CPU
-    profile's (D=256, 6 sizes): 1,600 rows, 12,101 items, random queries and items."""
+    """The loss alone, without the encoder both steps share: the fused loss as it is, without its leading
+    blocks' forward in row sub-chunks (``SUB_COLUMNS = 0``), without its wide blocks' forward in item tiles
+    (``ITEM_TILE = 0``), and the GEMM floor loss in its faster layout, interleaved in one process, at the
+    D=1024 step's shape (8 sizes) and the CPU profile's (D=256, 6 sizes): 1,600 rows, 12,101 items, random
+    queries and items."""
     import statistics
 
     out = {}
@@ -365,9 +373,11 @@ def bench_loss_alone(args) -> dict:
             "floor": floor,
             "fused_over_gemm_floor": med["fused"] / med[floor],
             "no_sub_rows_over_fused": med["fused_no_sub_rows"] / med["fused"],
+            "no_item_tiles_over_fused": med["fused_no_item_tiles"] / med["fused"],
             "paired": {
                 "fused_over_gemm_floor": _paired_ratio(times, "fused", floor),
                 "no_sub_rows_over_fused": _paired_ratio(times, "fused_no_sub_rows", "fused"),
+                "no_item_tiles_over_fused": _paired_ratio(times, "fused_no_item_tiles", "fused"),
             },
             "times_s": times,
         }

@@ -378,7 +378,7 @@ def test_nested_loss_takes_the_faster_layout_of_the_floor(monkeypatch):
     assert out["fused_over_gemm_floor"] > 1 and out["paired"]["fused_over_gemm_floor"] > 1
 
 
-def test_loss_alone_times_the_fused_loss_with_and_without_sub_rows(monkeypatch):
+def test_loss_alone_times_the_fused_loss_with_and_without_sub_rows_and_item_tiles(monkeypatch):
     from benchmarks import run
     from recbole_fmrl.model.layers import nested_loss
 
@@ -386,17 +386,26 @@ def test_loss_alone_times_the_fused_loss_with_and_without_sub_rows(monkeypatch):
     forward_blocks = nested_loss._forward_blocks
 
     def recording(*args, **kwargs):
-        seen.append(nested_loss.SUB_COLUMNS)
+        seen.append((nested_loss.SUB_COLUMNS, nested_loss.ITEM_TILE))
         return forward_blocks(*args, **kwargs)
 
     monkeypatch.setattr(nested_loss, "_forward_blocks", recording)
-    default = nested_loss.SUB_COLUMNS
+    default = (nested_loss.SUB_COLUMNS, nested_loss.ITEM_TILE)
     steps = run._loss_alone_steps(16, [4, 8, 16], rows=10, n_items=30)
-    assert set(steps) == {"fused", "fused_no_sub_rows", "gemm_floor", "gemm_floor_items_major"}
-    steps["fused"]()
-    assert seen and set(seen) == {default}
-    seen.clear()
-    steps["fused_no_sub_rows"]()
-    assert seen and set(seen) == {0}
-    assert nested_loss.SUB_COLUMNS == default  # restored after the step
+    assert set(steps) == {
+        "fused",
+        "fused_no_sub_rows",
+        "fused_no_item_tiles",
+        "gemm_floor",
+        "gemm_floor_items_major",
+    }
+    for name, expected in (
+        ("fused", default),
+        ("fused_no_sub_rows", (0, default[1])),
+        ("fused_no_item_tiles", (default[0], 0)),
+    ):
+        seen.clear()
+        steps[name]()
+        assert seen and set(seen) == {expected}, name
+        assert (nested_loss.SUB_COLUMNS, nested_loss.ITEM_TILE) == default  # restored after the step
     steps["gemm_floor"]()

@@ -15,6 +15,7 @@ from recbole_fmrl.model.layers import nested_loss
 from recbole_fmrl.model.layers.matryoshka import MatryoshkaSizeError
 from recbole_fmrl.model.layers.nested_loss import (
     CHUNK_BYTES,
+    ITEM_TILE,
     NARROW_COLUMNS,
     SUB_ROWS,
     auto_chunk_size,
@@ -37,8 +38,11 @@ def problems(draw):
     narrow = draw(st.sampled_from([1, 8, NARROW_COLUMNS, 25]))
     # Leading blocks up to this many columns take their forward sub_rows rows at a time: 0 = none, 24 = all.
     sub = draw(st.tuples(st.sampled_from([0, 4, 12, 24]), st.sampled_from([1, 3, SUB_ROWS])))
+    # The other blocks at least this many columns wide take their forward this many items at a time: 0 or
+    # at least the number of items = one GEMM.
+    tile = draw(st.tuples(st.sampled_from([1, 4, 25]), st.sampled_from([0, 1, 4, ITEM_TILE])))
     seed = draw(st.integers(0, 10_000))
-    return sizes, torch.tensor(weights) / sum(weights), rows, n_items, chunk, narrow, sub, seed
+    return sizes, torch.tensor(weights) / sum(weights), rows, n_items, chunk, narrow, sub, tile, seed
 
 
 def _loss_and_grads(fn, query, items, targets, sizes, weights, **kwargs):
@@ -51,7 +55,9 @@ def _loss_and_grads(fn, query, items, targets, sizes, weights, **kwargs):
 @settings(max_examples=60, deadline=None)
 @given(problems())
 def test_fused_loss_and_gradients_equal_the_reference(problem):
-    sizes, weights, rows, n_items, chunk, narrow, (sub_columns, sub_rows), seed = problem
+    sizes, weights, rows, n_items, chunk, narrow, (sub_columns, sub_rows), (tile_columns, tile), seed = (
+        problem
+    )
     gen = torch.Generator().manual_seed(seed)
     query = torch.randn(rows, sizes[-1], generator=gen)
     items = torch.randn(n_items, sizes[-1], generator=gen)
@@ -61,6 +67,8 @@ def test_fused_loss_and_gradients_equal_the_reference(problem):
         mock.patch.object(nested_loss, "NARROW_COLUMNS", narrow),
         mock.patch.object(nested_loss, "SUB_COLUMNS", sub_columns),
         mock.patch.object(nested_loss, "SUB_ROWS", sub_rows),
+        mock.patch.object(nested_loss, "TILE_COLUMNS", tile_columns),
+        mock.patch.object(nested_loss, "ITEM_TILE", tile),
     ):
         fused = _loss_and_grads(nested_cross_entropy, query, items, targets, sizes, weights, chunk_size=chunk)
     for a, b in zip(fused, ref, strict=True):

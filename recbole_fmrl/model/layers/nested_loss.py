@@ -41,6 +41,13 @@ NARROW_COLUMNS = 16
 # launches. Measured: ``python -m benchmarks.run --only loss_alone`` (``benchmarks/MEASURED.md``).
 SUB_COLUMNS = 256
 SUB_ROWS = 64
+# Blocks past those and at least TILE_COLUMNS wide (the paper's 256- and 512-column ones) take their forward
+# on whole chunks ITEM_TILE items at a time: on this CPU MKL runs a [chunk, items] product with a few hundred
+# rows below its rate on the same product as [chunk, ITEM_TILE] tiles, and narrower blocks slower in tiles
+# (``python -m benchmarks.run --only loss_alone`` times the loss with and without them). CPU only, like the
+# sub-chunks. ITEM_TILE = 0 turns the tiles off.
+TILE_COLUMNS = 256
+ITEM_TILE = 512
 
 
 def auto_chunk_size(n_items: int, n_sizes: int, budget_bytes: int = CHUNK_BYTES) -> int:
@@ -116,17 +123,21 @@ def _target_nll(scores: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, t
     return nll.sum()
 
 
-def _forward_blocks(q, items_t, s, probs, targets, blocks, scales, first=0, narrow=None):
+def _forward_blocks(q, items_t, s, probs, targets, blocks, scales, first=0, narrow=None, tile=0):
     """Adds blocks ``first:`` of the scores into ``s`` (block ``first`` continues from the scores ``s``
     holds), one size at a time: its softmax into ``probs[k]``, and returns the weighted sum of the sizes'
-    target NLLs. ``narrow``: (query columns, item rows) of the narrow blocks, as contiguous copies."""
+    target NLLs. ``narrow``: (query columns, item rows) of the narrow blocks, as contiguous copies.
+    ``tile``: items per GEMM of the blocks at least ``TILE_COLUMNS`` wide (0: all at once)."""
     q_cols, item_rows = narrow or ({}, {})
     rows = torch.arange(s.size(0), device=s.device)
     total = s.new_zeros(())
     for k in range(first, len(blocks)):
         a, b = blocks[k]
         q_k, e_k = (q_cols[k], item_rows[k]) if k in q_cols else (q[:, a:b], items_t[a:b])
-        if k == 0:
+        if tile and b - a >= TILE_COLUMNS and k not in q_cols:
+            for n0 in range(0, s.size(1), tile):
+                s[:, n0 : n0 + tile].addmm_(q_k, e_k[:, n0 : n0 + tile], beta=0 if k == 0 else 1)
+        elif k == 0:
             torch.mm(q_k, e_k, out=s)
         else:
             s.addmm_(q_k, e_k)
@@ -170,7 +181,9 @@ class _NestedCrossEntropy(torch.autograd.Function):
         # the same shape (transposed into grad_e at the end).
         item_rows = {k: items[:, cols].T.contiguous() for k, cols in narrow.items()}
         # The leading blocks that take their forward SUB_ROWS rows at a time, and their item columns as rows.
-        n_sub = sum(1 for _, b in blocks if b <= SUB_COLUMNS) if query.device.type == "cpu" else 0
+        on_cpu = query.device.type == "cpu"
+        n_sub = sum(1 for _, b in blocks if b <= SUB_COLUMNS) if on_cpu else 0
+        tile = ITEM_TILE if on_cpu and ITEM_TILE < n_items else 0
         sub_cols = blocks[n_sub - 1][1] if n_sub else 0
         sub_t = items_t[:sub_cols] if small else items[:, :sub_cols].T.contiguous()
         grad_e_narrow = {k: torch.zeros_like(rows) for k, rows in item_rows.items()} if want_e else {}
@@ -185,7 +198,7 @@ class _NestedCrossEntropy(torch.autograd.Function):
                 u = slice(u0, min(r1 - r0, u0 + SUB_ROWS))
                 total += _forward_blocks(q[u], sub_t, s[u], p_chunk[:, u], t[u], blocks[:n_sub], scales)
             total += _forward_blocks(
-                q, items_t, s, p_chunk, t, blocks, scales, first=n_sub, narrow=(q_cols, item_rows)
+                q, items_t, s, p_chunk, t, blocks, scales, first=n_sub, narrow=(q_cols, item_rows), tile=tile
             )
             if not want:
                 continue
