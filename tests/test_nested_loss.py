@@ -187,8 +187,11 @@ def test_second_backward_is_a_clear_error():
         loss.backward()
 
 
-def test_large_item_matrices_skip_the_transposed_copy_and_match_the_reference(monkeypatch):
+@pytest.mark.parametrize("transpose_rows", [7, nested_loss.TRANSPOSE_ROWS])
+def test_large_item_matrices_skip_the_transposed_copy_and_match_the_reference(monkeypatch, transpose_rows):
     monkeypatch.setattr(nested_loss, "TRANSPOSE_BYTES", 0)  # every item matrix counts as large here
+    # the leading blocks' item columns are then copied transposed, transpose_rows items at a time
+    monkeypatch.setattr(nested_loss, "TRANSPOSE_ROWS", transpose_rows)
     torch.manual_seed(1)
     query, items = torch.randn(20, 24, requires_grad=True), torch.randn(50, 24, requires_grad=True)
     targets, sizes, weights = torch.randint(0, 50, (20,)), [8, 16, 24], torch.tensor([0.2, 0.3, 0.5])
