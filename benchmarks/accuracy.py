@@ -67,6 +67,7 @@ _FMRL_GRID = _grid([1e-3, 3e-3], [0.6, 0.3], [256, 64], ("dropout_prob", "attn_d
 # the batch; the same two dropouts.
 _FMRL_PAPER_GRID = _grid([1e-4, 1e-3], [0.6, 0.3], [32, 128], ("dropout_prob", "attn_dropout_prob"))
 _D512 = {"hidden_size": 512, "mrl_sizes": [8, 16, 32, 64, 128, 256, 512]}
+_D1024 = {"hidden_size": 1024, "mrl_sizes": [8, 16, 32, 64, 128, 256, 512, 1024]}  # the paper's sizes
 VARIANTS = {
     # RecBole's SASRec with its own defaults (CE over all items, hidden 64, 2 layers).
     "SASRec": (
@@ -102,6 +103,12 @@ VARIANTS = {
     "fMRLRec-std-d512": (
         "fMRLRec",
         {"freeze_features": False, "use_id_embedding": False, "feature_norm": "standardize", **_D512},
+        _FMRL_GRID,
+    ),
+    # Trained text at the paper's width and sizes (D=1024), on the CPU profile's grid.
+    "fMRLRec-d1024": (
+        "fMRLRec",
+        {"freeze_features": False, "use_id_embedding": False, **_D1024},
         _FMRL_GRID,
     ),
     # Frozen features plus a trained copy of them (train_feature_copy): frozen text + ID's structure, with

@@ -227,7 +227,8 @@ def test_accuracy_variants_pin_their_item_tower_whatever_the_cpu_profile_says():
         towers[name] = (config["freeze_features"], config["use_id_embedding"], bool(config["modalities"]))
         assert {"freeze_features", "use_id_embedding"} <= set(fixed) or not config["modalities"], name
         assert config["feature_norm"] == ("standardize" if "-std" in name else "none"), name
-        assert config["hidden_size"] == (512 if name.endswith("-d512") else 256), name
+        width = {"-d512": 512, "-d1024": 1024}.get(name[name.rfind("-") :], 256)
+        assert config["hidden_size"] == width, name
         assert config["mrl_sizes"][-1] == config["hidden_size"], name
     assert towers["fMRLRec"] == (False, False, True)
     assert towers["fMRLRec-frozen"] == (True, False, True)
@@ -237,6 +238,7 @@ def test_accuracy_variants_pin_their_item_tower_whatever_the_cpu_profile_says():
         towers["fMRLRec-std"] == towers["fMRLRec"]
         and towers["fMRLRec-frozen-std"] == towers["fMRLRec-frozen"]
         and towers["fMRLRec-d512"] == towers["fMRLRec-std-d512"] == towers["fMRLRec"]
+        and towers["fMRLRec-d1024"] == towers["fMRLRec"]
     )
     assert towers["LRURec-id"][1:] == (True, False)
 
