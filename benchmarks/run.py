@@ -8,12 +8,13 @@ from ``--data_path`` (default ``../shared/datasets``) and fall back to the shipp
         [--data_path=...] [--steps=20] [--out=DIR]
 
 - nested_loss: the paper's D=1024 training step (1 LRU block, 32 x 50 positions, 12,101 items, 1024-d text +
-  1024-d image features, 8 sizes) with the fused loss, with the reference loss (K logit matrices through
-  autograd), and with a stand-in loss that costs only the three logit GEMMs (the GEMM floor of the same
-  step: no other pass over a [rows, items] matrix), timed with the scores GEMM in both output layouts,
-  [rows, items] and [items, rows], the faster being the floor; with ``--official_code=<checkout of
-  github.com/yueqirex/fMRLRec>``, also the official model code's step (its LRUModel, embedding path and
-  loss); interleaved, medians, and the median over rounds of the side-by-side ratios.
+  1024-d image features, 8 sizes) with the fused loss, with the fused loss without its wide blocks' forward
+  in item tiles (``ITEM_TILE = 0``), with the reference loss (K logit matrices through autograd), and with a
+  stand-in loss that costs only the three logit GEMMs (the GEMM floor of the same step: no other pass over a
+  [rows, items] matrix), timed with the scores GEMM in both output layouts, [rows, items] and [items, rows],
+  the faster being the floor; with ``--official_code=<checkout of github.com/yueqirex/fMRLRec>``, also the
+  official model code's step (its LRUModel, embedding path and loss); interleaved, medians, and the median
+  over rounds of the side-by-side ratios.
 - loss_alone: the fused loss alone (no encoder) at the D=1024 step's shape and the CPU profile's, as it is,
   without its leading blocks' forward in row sub-chunks (``SUB_COLUMNS``) and without its wide blocks'
   forward in item tiles (``ITEM_TILE``), beside the GEMM floor loss alone; interleaved in one process,
@@ -209,6 +210,24 @@ def _gemm_floor_loss(query, items, targets, sizes, weights, chunk_size=None, ite
     return LinearLogits.apply(query, items)
 
 
+def _with_constants(loss_fn, **constants):
+    """``loss_fn`` with module constants of ``nested_loss`` set for each call and restored after it (the fused
+    loss does all its work in the forward call)."""
+    from recbole_fmrl.model.layers import nested_loss
+
+    def call(*args, **kwargs):
+        defaults = {name: getattr(nested_loss, name) for name in constants}
+        try:
+            for name, value in constants.items():
+                setattr(nested_loss, name, value)
+            return loss_fn(*args, **kwargs)
+        finally:
+            for name, value in defaults.items():
+                setattr(nested_loss, name, value)
+
+    return call
+
+
 def _paper_step(loss_fn, n_items=12_101, batch=32, length=50, dim=1024, feature_dim=1024, seed=0):
     """One fMRLRec training step (item tower + LRU encoder + nested CE) on synthetic data, given the loss."""
     import torch
@@ -293,6 +312,7 @@ def bench_nested_loss(args) -> dict:
 
     variants = {
         "fused": _paper_step(nested_cross_entropy),
+        "fused_no_item_tiles": _paper_step(_with_constants(nested_cross_entropy, ITEM_TILE=0)),
         "reference": _paper_step(nested_cross_entropy_reference),
         "gemm_floor": _paper_step(_gemm_floor_loss),
         "gemm_floor_items_major": _paper_step(functools.partial(_gemm_floor_loss, items_major=True)),
@@ -308,7 +328,12 @@ def bench_nested_loss(args) -> dict:
         "floor": floor,
         "fused_over_gemm_floor": med["fused"] / med[floor],
         "reference_over_fused": med["reference"] / med["fused"],
-        "paired": {"fused_over_gemm_floor": _paired_ratio(times, "fused", floor)},
+        "no_item_tiles_over_gemm_floor": med["fused_no_item_tiles"] / med[floor],
+        "paired": {
+            "fused_over_gemm_floor": _paired_ratio(times, "fused", floor),
+            "no_item_tiles_over_gemm_floor": _paired_ratio(times, "fused_no_item_tiles", floor),
+            "no_item_tiles_over_fused": _paired_ratio(times, "fused_no_item_tiles", "fused"),
+        },
         "repeats": args.repeats + 2,
         "times_s": times,
     }
@@ -330,26 +355,18 @@ def _loss_alone_steps(dim: int, sizes: list[int], rows: int = 1600, n_items: int
     targets = torch.randint(1, n_items, (rows,))
     weights = torch.full((len(sizes),), 1.0 / len(sizes))
 
-    def step(loss_fn, patch=None, **kwargs):
-        """``patch``: module constants of ``nested_loss`` to set for the step, and restore after it."""
-
+    def step(loss_fn, **kwargs):
         def run():
-            defaults = {name: getattr(nested_loss, name) for name in patch or {}}
-            try:
-                for name, value in (patch or {}).items():
-                    setattr(nested_loss, name, value)
-                query.grad = items.grad = None
-                loss_fn(query, items, targets, sizes, weights, **kwargs).backward()
-            finally:
-                for name, value in defaults.items():
-                    setattr(nested_loss, name, value)
+            query.grad = items.grad = None
+            loss_fn(query, items, targets, sizes, weights, **kwargs).backward()
 
         return run
 
+    fused = nested_loss.nested_cross_entropy
     return {
-        "fused": step(nested_loss.nested_cross_entropy),
-        "fused_no_sub_rows": step(nested_loss.nested_cross_entropy, {"SUB_COLUMNS": 0}),
-        "fused_no_item_tiles": step(nested_loss.nested_cross_entropy, {"ITEM_TILE": 0}),
+        "fused": step(fused),
+        "fused_no_sub_rows": step(_with_constants(fused, SUB_COLUMNS=0)),
+        "fused_no_item_tiles": step(_with_constants(fused, ITEM_TILE=0)),
         "gemm_floor": step(_gemm_floor_loss),
         "gemm_floor_items_major": step(_gemm_floor_loss, items_major=True),
     }

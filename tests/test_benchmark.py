@@ -378,6 +378,8 @@ def test_nested_loss_takes_the_faster_layout_of_the_floor(monkeypatch):
     out = run.bench_nested_loss(SimpleNamespace(repeats=1, official_code=None))
     assert out["floor"] == "gemm_floor_items_major"
     assert out["fused_over_gemm_floor"] > 1 and out["paired"]["fused_over_gemm_floor"] > 1
+    # the fused loss without item tiles is its own step (a wrapped loss here, timed at the default delay)
+    assert "fused_no_item_tiles" in out["step_s"] and out["paired"]["no_item_tiles_over_fused"] > 1
 
 
 def test_loss_alone_times_the_fused_loss_with_and_without_sub_rows_and_item_tiles(monkeypatch):
