@@ -187,11 +187,17 @@ def test_second_backward_is_a_clear_error():
         loss.backward()
 
 
-@pytest.mark.parametrize("transpose_rows", [7, nested_loss.TRANSPOSE_ROWS])
-def test_large_item_matrices_skip_the_transposed_copy_and_match_the_reference(monkeypatch, transpose_rows):
+@pytest.mark.parametrize(
+    ("transpose_rows", "sub_columns"), [(7, nested_loss.SUB_COLUMNS), (nested_loss.TRANSPOSE_ROWS, 0)]
+)
+def test_large_item_matrices_skip_the_transposed_copy_and_match_the_reference(
+    monkeypatch, transpose_rows, sub_columns
+):
     monkeypatch.setattr(nested_loss, "TRANSPOSE_BYTES", 0)  # every item matrix counts as large here
-    # the leading blocks' item columns are then copied transposed, transpose_rows items at a time
+    # the leading blocks' item columns are then copied transposed, transpose_rows items at a time (none
+    # without row sub-chunks)
     monkeypatch.setattr(nested_loss, "TRANSPOSE_ROWS", transpose_rows)
+    monkeypatch.setattr(nested_loss, "SUB_COLUMNS", sub_columns)
     torch.manual_seed(1)
     query, items = torch.randn(20, 24, requires_grad=True), torch.randn(50, 24, requires_grad=True)
     targets, sizes, weights = torch.randint(0, 50, (20,)), [8, 16, 24], torch.tensor([0.2, 0.3, 0.5])

@@ -197,7 +197,7 @@ class _NestedCrossEntropy(torch.autograd.Function):
         n_sub = sum(1 for _, b in blocks if b <= SUB_COLUMNS) if on_cpu else 0
         tile = ITEM_TILE if on_cpu and ITEM_TILE < n_items else 0
         sub_cols = blocks[n_sub - 1][1] if n_sub else 0
-        sub_t = items_t[:sub_cols] if small else _transposed(items[:, :sub_cols])
+        sub_t = (items_t[:sub_cols] if small else _transposed(items[:, :sub_cols])) if n_sub else None
         grad_e_narrow = {k: torch.zeros_like(rows) for k, rows in item_rows.items()} if want_e else {}
         for r0 in range(0, n_rows, chunk):
             r1 = min(n_rows, r0 + chunk)
