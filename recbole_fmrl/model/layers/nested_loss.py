@@ -225,9 +225,7 @@ class _NestedCrossEntropy(torch.autograd.Function):
                     if h is None:
                         h, c = p, scales[k]
                     else:
-                        # into size k's buffer, which nothing reads again, rather than into h: on two
-                        # threads the loss ran faster so (``benchmarks.run --only loss_alone``)
-                        h = torch.add(h, p, alpha=scales[k] / c, out=p)
+                        h.add_(p, alpha=scales[k] / c)
                     h[rows, t] -= scales[k] / c
                 if h is None:
                     continue
