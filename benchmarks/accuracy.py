@@ -211,10 +211,17 @@ def summarise(results: list[dict], dataset: str) -> tuple[dict, str]:
         )
     sized = [(v, r) for v, r in best.items() if r.get("test_result_by_size")]
     for v, r in sized:
-        by_size = r["test_result_by_size"]
-        lines += ["", f"{v}, every nesting size (test):", "", "| size | N@10 | R@10 |", "|---|---|---|"]
-        for size, metrics in by_size.items():
-            lines.append(f"| {size} | {metrics['ndcg@10']:.4f} | {metrics['recall@10']:.4f} |")
+        valid = r.get("valid_result_by_size") or {}  # absent in results from before it was recorded
+        lines += [
+            "",
+            f"{v}, every nesting size (valid N@10 at the same checkpoint, where recorded; test):",
+            "",
+            "| size | valid N@10 | test N@10 | test R@10 |",
+            "|---|---|---|---|",
+        ]
+        for size, metrics in r["test_result_by_size"].items():
+            valid_n10 = f"{valid[size]['ndcg@10']:.4f}" if size in valid else "n/a"
+            lines.append(f"| {size} | {valid_n10} | {metrics['ndcg@10']:.4f} | {metrics['recall@10']:.4f} |")
     summary = {
         "dataset": dataset,
         "best": {v: {k: r[k] for k in ("point", "config", "test_result", "epochs")} for v, r in best.items()},

@@ -86,8 +86,11 @@ def run_recbole_fmrl(
         )
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
+    sized = {}
     if by_size:
-        result_by_size = report_all_sizes(config, trainer, test_data)
+        sized["test_result_by_size"] = report_all_sizes(config, trainer, test_data)
+        if isinstance(valid_data, FullSortEvalDataLoader):  # valid's mode may differ from test's
+            sized["valid_result_by_size"] = report_all_sizes(config, trainer, valid_data, split="valid")
     environment_tb = get_environment(config)
     logger.info("The running environment of this training is as follows:\n" + environment_tb.draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
@@ -102,9 +105,8 @@ def run_recbole_fmrl(
         "saved_model_file": trainer.saved_model_file if saved else None,
         "params": sum(p.numel() for p in model.parameters()),
         **clock.summary(trainer, config),
+        **sized,
     }
-    if by_size:
-        result["test_result_by_size"] = result_by_size
     return result
 
 

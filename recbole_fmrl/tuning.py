@@ -152,6 +152,7 @@ def _trial_record(params: dict, result: dict) -> dict:
         "best_valid_result",
         "test_result",
         "test_result_by_size",
+        "valid_result_by_size",
         "epochs",
         "seconds",
     )

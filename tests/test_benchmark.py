@@ -136,6 +136,31 @@ def test_accuracy_script_trains_the_picked_grid_points_and_resumes(tmp_path, mon
         assert message in capsys.readouterr().err
 
 
+def test_accuracy_summary_shows_every_size_on_valid_beside_test():
+    from benchmarks import accuracy
+
+    def sized(ndcg):
+        return {"8": {"ndcg@10": ndcg / 2, "recall@10": ndcg}, "16": {"ndcg@10": ndcg, "recall@10": 2 * ndcg}}
+
+    base = {"config": {}, "epochs": 3, "best_epoch": 2, "stopped_by": "early_stopping", "train_seconds": 60.0}
+    with_valid = {
+        **base,
+        "variant": "fMRLRec",
+        "point": 0,
+        "best_valid_score": 0.05,
+        "test_result": {"ndcg@10": 0.04, "recall@10": 0.08},
+        "test_result_by_size": sized(0.04),
+        "valid_result_by_size": sized(0.05),
+    }
+    older = {**with_valid, "variant": "fMRLRec-std", "valid_result_by_size": None}
+    _, text = accuracy.summarise([with_valid, older], "amazon-beauty")
+    tables = text.split("every nesting size")
+    assert (
+        "| 8 | 0.0250 | 0.0200 | 0.0400 |" in tables[1] and "| 16 | 0.0500 | 0.0400 | 0.0800 |" in tables[1]
+    )
+    assert "| 16 | n/a | 0.0400 | 0.0800 |" in tables[2]
+
+
 def test_accuracy_points_of_one_model_save_and_resume_in_their_own_folders(tmp_path):
     """RecBole names checkpoints by model and start second: two points trained together must not share one."""
     import argparse

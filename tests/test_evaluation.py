@@ -2,6 +2,7 @@
 
 import csv
 import itertools
+import json
 import os
 import sys
 from pathlib import Path
@@ -71,6 +72,20 @@ def test_run_writes_table_files(trained):
     assert {"ndcg@10", "params_encoder", "params_item_tower", "latency_ms_per_batch"} <= set(rows[0])
     assert Path(f"{stem}.png").stat().st_size > 1000
     assert [int(r["params_encoder"]) for r in rows] == sorted(int(r["params_encoder"]) for r in rows)
+
+
+def test_valid_by_size_is_the_best_checkpoint_on_valid(trained):
+    """Every size on valid, at the checkpoint that early stopping kept: the full size is the trainer's own
+    best valid result, so a size can be chosen on valid without looking at the test set."""
+    result, out = trained
+    by_size = result["valid_result_by_size"]
+    assert list(by_size) == SIZES
+    assert dict(by_size[SIZES[-1]]) == dict(result["best_valid_result"])
+    assert by_size[SIZES[0]] != by_size[SIZES[-1]]
+    stem = out / f"{Path(result['saved_model_file']).stem}-valid-sizes"
+    rows = list(csv.DictReader(open(f"{stem}.csv")))
+    assert [int(r["size"]) for r in rows] == SIZES and "latency_ms_per_batch" not in rows[0]
+    assert json.load(open(f"{stem}.json"))["split"] == "valid"
 
 
 def test_exported_submodel_file_roundtrip(trained, tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ def _main(argv: list[str]) -> int:
     print(format_table(by_size, costs))
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.model_file).resolve().parent
     stem = out_dir / f"{Path(args.model_file).stem}-{args.split}-reeval-sizes"
-    files = write_report(by_size, costs, stem, config["dataset"], config["model"])
+    files = write_report(by_size, costs, stem, config["dataset"], config["model"], args.split)
     print(f"written: {files['csv']}, {files['json']}, {files['png']}")
     return 0
 

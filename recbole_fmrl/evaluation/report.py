@@ -13,15 +13,16 @@ from recbole_fmrl.evaluation.evaluate import evaluate_all_sizes
 from recbole_fmrl.fileio import atomic_write, atomic_write_lines
 
 
-def report_all_sizes(config, trainer, test_data) -> dict:
-    """Test metrics at every nesting size (one pass), with per-size cost, logged and written beside the
-    checkpoint as ``<checkpoint>-test-sizes.*``."""
+def report_all_sizes(config, trainer, data, split: str = "test") -> dict:
+    """``split``'s metrics at every nesting size (one pass), logged and written beside the checkpoint as
+    ``<checkpoint>-<split>-sizes.*``. The test report also times each size; the valid one, which serves
+    to choose a size without looking at the test set, does not (the cost does not depend on the split)."""
     logger = getLogger()
-    by_size = evaluate_all_sizes(trainer, test_data)
-    costs = size_costs(trainer.model, test_data, config["device"])
-    logger.info(set_color("test result by size", "yellow") + ":\n" + format_table(by_size, costs))
-    stem = Path(config["checkpoint_dir"]) / f"{Path(trainer.saved_model_file).stem}-test-sizes"
-    files = write_report(by_size, costs, stem, config["dataset"], config["model"])
+    by_size = evaluate_all_sizes(trainer, data)
+    costs = size_costs(trainer.model, data, config["device"]) if split == "test" else None
+    logger.info(set_color(f"{split} result by size", "yellow") + ":\n" + format_table(by_size, costs))
+    stem = Path(config["checkpoint_dir"]) / f"{Path(trainer.saved_model_file).stem}-{split}-sizes"
+    files = write_report(by_size, costs, stem, config["dataset"], config["model"], split)
     logger.info(f"per-size results written to {files['csv']}, .json and .png")
     return by_size
 
@@ -42,7 +43,9 @@ def format_table(by_size: dict, costs: dict | None = None) -> str:
     return "\n".join([line(header), *(line(r) for r in rows)])
 
 
-def write_report(by_size: dict, costs: dict | None, stem: str | Path, dataset: str, model: str) -> dict:
+def write_report(
+    by_size: dict, costs: dict | None, stem: str | Path, dataset: str, model: str, split: str = "test"
+) -> dict:
     """``<stem>.{csv,json,png}``, each written atomically; returns their paths."""
     import matplotlib
 
@@ -60,7 +63,8 @@ def write_report(by_size: dict, costs: dict | None, stem: str | Path, dataset: s
         f"{stem}.csv", [",".join(keys) + "\n", *(",".join(str(r[k]) for k in keys) + "\n" for r in records)]
     )
     atomic_write_lines(
-        f"{stem}.json", [json.dumps({"dataset": dataset, "model": model, "by_size": records}, indent=2)]
+        f"{stem}.json",
+        [json.dumps({"dataset": dataset, "model": model, "split": split, "by_size": records}, indent=2)],
     )
 
     sizes = list(by_size)
@@ -70,7 +74,7 @@ def write_report(by_size: dict, costs: dict | None, stem: str | Path, dataset: s
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("embedding size")
-    ax.set_ylabel("test metric")
+    ax.set_ylabel(f"{split} metric")
     ax.set_title(f"{model} on {dataset}: one model, every size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
