@@ -12,8 +12,9 @@ and a wall-clock cap of ``--budget`` minutes (RecBole's ``time_budget``); ``--jo
 (``K`` for every variant, ``VARIANT:K`` for one: a screening run, or a grid split over machines or over
 commands sharing ``--out``, which a rerun over all of them then summarises). Each point runs in its own
 process, through the same entry, split and evaluation as a user's run. Writes ``<out>/<variant>-<k>.json`` per point
-(config, epochs, what stopped it, wall time, valid history, test metrics, test metrics of every nesting size)
-and ``<out>/summary.json`` + ``summary.md`` (the best-on-valid point of each variant, beside the paper's).
+(config, epochs, what stopped it, wall time, valid history, test metrics, test and valid metrics of every
+nesting size) and ``<out>/summary.json`` + ``summary.md`` (the best-on-valid point of each variant, beside the
+paper's, and its sizes, with the one that a second selection on valid N@10 would serve).
 ``--out`` defaults to the git-ignored ``benchmarks/runs/accuracy-<UTC time>``. ``--continue_from=DIR``
 trains the points that DIR's run stopped by its budget on from their best checkpoint (RecBole's resume) for
 ``--budget`` more minutes, writing the joined record (both runs' epochs and time) to ``--out``; points that
@@ -222,6 +223,16 @@ def summarise(results: list[dict], dataset: str) -> tuple[dict, str]:
         for size, metrics in r["test_result_by_size"].items():
             valid_n10 = f"{valid[size]['ndcg@10']:.4f}" if size in valid else "n/a"
             lines.append(f"| {size} | {valid_n10} | {metrics['ndcg@10']:.4f} | {metrics['recall@10']:.4f} |")
+        if valid:
+            # Choosing the serving size is a second selection on valid, after the grid point's; ties go to
+            # the smaller size. It is reported beside the protocol's pick (the full size), not in its place.
+            size = max(valid, key=lambda s: (valid[s]["ndcg@10"], -int(s)))
+            test = r["test_result_by_size"][size]
+            lines += [
+                "",
+                f"Size with the best valid N@10 at this point: {size} "
+                f"(test N@10 / R@10 {test['ndcg@10']:.4f} / {test['recall@10']:.4f}).",
+            ]
     summary = {
         "dataset": dataset,
         "best": {v: {k: r[k] for k in ("point", "config", "test_result", "epochs")} for v, r in best.items()},

@@ -159,6 +159,11 @@ def test_accuracy_summary_shows_every_size_on_valid_beside_test():
         "| 8 | 0.0250 | 0.0200 | 0.0400 |" in tables[1] and "| 16 | 0.0500 | 0.0400 | 0.0800 |" in tables[1]
     )
     assert "| 16 | n/a | 0.0400 | 0.0800 |" in tables[2]
+    assert "best valid N@10 at this point: 16 (test N@10 / R@10 0.0400 / 0.0800)" in tables[1]
+    assert "best valid N@10 at this point" not in tables[2]
+    smaller_better = {**with_valid, "valid_result_by_size": {"8": {"ndcg@10": 0.06}, "16": {"ndcg@10": 0.05}}}
+    _, text = accuracy.summarise([smaller_better], "amazon-beauty")
+    assert "best valid N@10 at this point: 8 (test N@10 / R@10 0.0200 / 0.0400)" in text
 
 
 def test_accuracy_points_of_one_model_save_and_resume_in_their_own_folders(tmp_path):
