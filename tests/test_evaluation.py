@@ -228,9 +228,20 @@ def test_sampled_evaluation_run_keeps_its_result_and_skips_the_size_table(
         "fMRLRec", "mm-sample", config_dict={**config, "eval_args": eval_args, "checkpoint_dir": str(in_tmp)}
     )
     assert "ndcg@10" in result["test_result"] and "test_result_by_size" not in result
+    assert "valid_result_by_size" not in result
     monkeypatch.setattr(sys, "argv", ["evaluation"])
     assert evaluation_cli([f"--model_file={result['saved_model_file']}"]) == 2
     assert "needs full ranking: set eval_args mode to 'full'" in capsys.readouterr().err
+
+
+def test_sampled_valid_with_full_test_reports_every_size_on_test_only(in_tmp):
+    modes = {"valid": "uni100", "test": "full"}
+    eval_args = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": modes}
+    config = {**FAST, "modalities": [], "use_id_embedding": True, "hidden_size": 16, "mrl_sizes": [8, 16]}
+    result = run_recbole_fmrl(
+        "fMRLRec", "mm-sample", config_dict={**config, "eval_args": eval_args, "checkpoint_dir": str(in_tmp)}
+    )
+    assert list(result["test_result_by_size"]) == [8, 16] and "valid_result_by_size" not in result
 
 
 def test_checkpoint_from_before_new_keys_loads_with_their_defaults(trained, tmp_path):
