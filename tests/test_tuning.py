@@ -47,6 +47,8 @@ def test_hyperopt_grid_for_fmrlrec_reports_every_size_and_tunes_a_chosen_size(tm
         by_size, test = trial["test_result_by_size"], trial["test_result"]
         assert by_size["8"] != by_size["16"]
         assert test == pytest.approx(by_size["8"])
+        # the trial's sizes on valid too, at the checkpoint whose size-8 valid score selected it
+        assert trial["valid_result_by_size"]["8"] == pytest.approx(trial["best_valid_result"])
 
 
 def test_hyperopt_for_a_builtin_model(tmp_path, monkeypatch):
