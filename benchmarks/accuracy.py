@@ -3,7 +3,7 @@
     python -m benchmarks.accuracy [--dataset=amazon-beauty] [--data_path=../shared/datasets]
         [--variants=SASRec,fMRLRec,fMRLRec-id,LRURec-id,...] [--points=4] [--budget=60] [--epochs=200]
         [--stopping_step=5] [--threads=2] [--jobs=1] [--grid_points=K,VARIANT:K] [--out=DIR]
-        [--continue_from=DIR] [--profile=cpu|paper]
+        [--continue_from=DIR] [--profile=cpu|paper] [--seed=N]
 
 Every variant gets the same tuning budget: the first ``--points`` points of its grid (lr x dropout x batch
 size, the defaults first), each trained with early stopping on valid NDCG@10 (patience ``--stopping_step``)
@@ -21,7 +21,8 @@ trains the points that DIR's run stopped by its budget on from their best checkp
 had converged are copied as they were. ``--profile=paper`` trains the fMRLRec variants with the paper's GPU
 defaults (``model/fMRLRec.yaml``: D=1024, 8 sizes, lr 1e-4, batch 32) and their grid around them, instead of
 the CPU profile (``profiles/fMRLRec-cpu.yaml``: D=256, batch 64) and its grid; the other models are the same
-under both.
+under both. ``--seed`` sets RecBole's ``seed`` (initialisation, shuffling, dropout; RecBole's 2020 when not
+given) for every point: the same point under other seeds shows how far its metrics move from run to run.
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def _spec(args, variant: str, k: int, point: dict, out: Path) -> dict:
         "checkpoint_dir": str(_checkpoint_dir(out, variant, k)),
         "log_wandb": False,
         **({"device_profile": "paper"} if args.profile == "paper" and model == "fMRLRec" else {}),
+        **({"seed": args.seed} if args.seed is not None else {}),
         **fixed,
         **point,
     }
@@ -346,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["cpu", "paper"],
         default="cpu",
         help="fMRLRec's settings and grid: the CPU profile's (D=256) or the paper's GPU defaults (D=1024)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="RecBole's seed for every point (default: RecBole's own, 2020); one --out per seed",
     )
     args = parser.parse_args(argv)
 

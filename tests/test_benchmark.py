@@ -173,7 +173,7 @@ def test_accuracy_points_of_one_model_save_and_resume_in_their_own_folders(tmp_p
     from benchmarks import accuracy
 
     args = argparse.Namespace(
-        data_path="d", epochs=1, stopping_step=1, budget=1.0, threads=1, dataset="x", profile="cpu"
+        data_path="d", epochs=1, stopping_step=1, budget=1.0, threads=1, dataset="x", profile="cpu", seed=None
     )
     grid = accuracy.VARIANTS["SASRec"][2]
     folders = {
@@ -237,6 +237,25 @@ def test_accuracy_paper_profile_trains_fmrlrec_with_the_paper_defaults_and_grid(
     config = Config("fMRLRec", "mm-sample", config_dict={**settings, "use_gpu": False}, cli_args=[])
     assert config["hidden_size"] == 1024 and config["mrl_sizes"][-1] == 1024
     assert config["train_batch_size"] == 128 and config["lr_scheduler"] == "cosine"
+
+
+def test_accuracy_seed_reaches_every_point_and_is_recbole_s_own_by_default(tmp_path, monkeypatch):
+    from benchmarks import accuracy
+
+    specs = []
+    monkeypatch.setattr(
+        benchmark, "run_in_subprocess", lambda spec, cwd=None: specs.append(spec) or _fake_result(spec)
+    )
+    argv = ["--variants=SASRec,fMRLRec", "--grid_points=0"]
+    assert accuracy.main([*argv, f"--out={tmp_path / 'default'}"]) == 0
+    assert [s for s in specs if "seed" in s["config"]] == []
+    specs.clear()
+    assert accuracy.main([*argv, f"--out={tmp_path / 'seed7'}", "--seed=7"]) == 0
+    assert len(specs) == 2 and {s["config"]["seed"] for s in specs} == {7}
+    saved = json.loads((tmp_path / "seed7" / "fMRLRec-0.json").read_text())
+    assert saved["config"]["seed"] == 7
+    with pytest.raises(SystemExit):
+        accuracy.main([*argv, f"--out={tmp_path / 'bad'}", "--seed=one"])
 
 
 def test_accuracy_variants_pin_their_item_tower_whatever_the_cpu_profile_says():
