@@ -381,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
             earlier = None
             if source is not None:
                 earlier = _earlier_result(parser, source, variant, k)
+                seed = earlier["config"].get("seed")
+                if seed != args.seed:  # one record, one seed
+                    given = "no --seed" if seed is None else f"--seed={seed}"
+                    parser.error(
+                        f"--continue_from={source}: {variant} point {k} was trained with {given}; use it here too"
+                    )
                 if earlier["stopped_by"] != "time_budget":  # converged or out of epochs: nothing to continue
                     atomic_write_bytes(target, (json.dumps(earlier, indent=2) + "\n").encode())
                     results.append(earlier)

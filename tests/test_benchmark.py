@@ -345,6 +345,9 @@ def test_accuracy_continue_from_trains_budget_stopped_points_on_and_keeps_the_re
     with pytest.raises(SystemExit):
         accuracy.main(["--variants=SASRec", "--grid_points=0", f"--continue_from={first}", f"--out={later}"])
     assert "it has no SASRec-0.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the first run had RecBole's seed: another one would mix two seeds
+        accuracy.main([*argv, f"--out={tmp_path / 'seeded'}", "--seed=3"])
+    assert "SASRec point 1 was trained with no --seed; use it here too" in capsys.readouterr().err
     checkpoint.unlink()  # a missing checkpoint stops the command before anything trains
     with pytest.raises(SystemExit, match="its checkpoint .* is gone"):
         accuracy.main([*argv, f"--out={tmp_path / 'third'}"])
