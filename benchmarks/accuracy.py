@@ -250,6 +250,16 @@ def _earlier_result(parser: argparse.ArgumentParser, source: Path, variant: str,
     return json.loads(path.read_text())
 
 
+def _same_seed(parser: argparse.ArgumentParser, args, where: str, record: dict) -> None:
+    """One record, one seed: a point finished or begun under another seed is not joined to this run."""
+    seed = record["config"].get("seed")
+    if seed != args.seed:
+        given = "no --seed" if seed is None else f"--seed={seed}"
+        parser.error(
+            f"{where}: {record['variant']} point {record['point']} was trained with {given}; use it here too"
+        )
+
+
 def _resume_spec(earlier: dict, out: Path) -> dict:
     """Train on from a copy of the earlier run's best checkpoint, so that run's files stay as they were."""
     checkpoint = Path(earlier["saved_model_file"])
@@ -377,16 +387,12 @@ def main(argv: list[str] | None = None) -> int:
             target = out / f"{variant}-{k}.json"
             if target.is_file():  # a rerun resumes: finished points are kept, not retrained
                 results.append(json.loads(target.read_text()))
+                _same_seed(parser, args, f"--out={out}", results[-1])
                 continue
             earlier = None
             if source is not None:
                 earlier = _earlier_result(parser, source, variant, k)
-                seed = earlier["config"].get("seed")
-                if seed != args.seed:  # one record, one seed
-                    given = "no --seed" if seed is None else f"--seed={seed}"
-                    parser.error(
-                        f"--continue_from={source}: {variant} point {k} was trained with {given}; use it here too"
-                    )
+                _same_seed(parser, args, f"--continue_from={source}", earlier)
                 if earlier["stopped_by"] != "time_budget":  # converged or out of epochs: nothing to continue
                     atomic_write_bytes(target, (json.dumps(earlier, indent=2) + "\n").encode())
                     results.append(earlier)

@@ -239,7 +239,7 @@ def test_accuracy_paper_profile_trains_fmrlrec_with_the_paper_defaults_and_grid(
     assert config["train_batch_size"] == 128 and config["lr_scheduler"] == "cosine"
 
 
-def test_accuracy_seed_reaches_every_point_and_is_recbole_s_own_by_default(tmp_path, monkeypatch):
+def test_accuracy_seed_reaches_every_point_and_is_recbole_s_own_by_default(tmp_path, monkeypatch, capsys):
     from benchmarks import accuracy
 
     specs = []
@@ -256,6 +256,11 @@ def test_accuracy_seed_reaches_every_point_and_is_recbole_s_own_by_default(tmp_p
     assert saved["config"]["seed"] == 7
     with pytest.raises(SystemExit):
         accuracy.main([*argv, f"--out={tmp_path / 'bad'}", "--seed=one"])
+    # A rerun into a folder of another seed would summarise two seeds as one grid.
+    with pytest.raises(SystemExit):
+        accuracy.main([*argv, f"--out={tmp_path / 'seed7'}"])
+    assert "SASRec point 0 was trained with --seed=7; use it here too" in capsys.readouterr().err
+    assert accuracy.main([*argv, f"--out={tmp_path / 'seed7'}", "--seed=7"]) == 0 and len(specs) == 2
 
 
 def test_accuracy_variants_pin_their_item_tower_whatever_the_cpu_profile_says():
