@@ -4,7 +4,7 @@ Each benchmark runs in its own process, so its peak RSS is its own. Dataset benc
 from ``--data_path`` (default ``../shared/datasets``) and fall back to the shipped mm-sample when absent.
 
     python -m benchmarks.run [--only nested_loss,loss_alone,loss_memory,train_modes,eval_sizes,masked_linear,
-        narrow_grads]
+        narrow_grads,compiled_softmax]
         [--data_path=...] [--steps=20] [--out=DIR]
 
 - nested_loss: the paper's D=1024 training step (1 LRU block, 32 x 50 positions, 12,101 items, 1024-d text +
@@ -22,6 +22,10 @@ from ``--data_path`` (default ``../shared/datasets``) and fall back to the shipp
 - narrow_grads: the two gradient products of one narrow block of the fused loss at the D=1024 step's chunk
   shape, in both orientations (the wide dimension last, or the narrow one first, as the loss takes them for
   blocks under ``NARROW_COLUMNS``), interleaved, medians.
+- compiled_softmax: the fused loss's per-size softmax (ATen's, into the loss's preallocated buffer) beside
+  torch.compile's (inductor) into the same buffer, at the D=1024 step's chunk shape and at the leading
+  blocks' ``SUB_ROWS`` rows: whether a generated kernel beats ATen's on those memory-bound passes;
+  interleaved, medians and paired ratios (the compile time is reported, not timed in).
 - loss_memory: peak RSS of a training step on a 100,000-item synthetic catalogue at D=256, fused vs
   reference, each in its own process, beside the model + gradients + optimiser state + loss scratch.
 
@@ -49,6 +53,7 @@ BENCHMARKS = (
     "eval_sizes",
     "masked_linear",
     "narrow_grads",
+    "compiled_softmax",
 )
 
 
@@ -171,6 +176,49 @@ def bench_narrow_grads(args) -> dict:
         out["ms"][width] = {name: 1000 * t for name, t in med.items()}
         out[f"w{width}_d_query_wide_over_narrow"] = med["d_query_wide_last"] / med["d_query_narrow_first"]
         out[f"w{width}_d_items_wide_over_narrow"] = med["d_items_wide_last"] / med["d_items_narrow_first"]
+    return out
+
+
+def _softmax_into(scores, out) -> None:
+    out.copy_(scores.softmax(1))
+
+
+def _softmax_steps(rows: int, n_items: int) -> tuple[dict, float]:
+    """ATen's softmax as the fused loss takes it (``torch._softmax`` into a kept buffer) and inductor's
+    into another, on the same scores; returns the steps and the seconds the first compiled call took."""
+    import torch
+
+    scores = torch.randn(rows, n_items)
+    aten_out, compiled_out = torch.empty_like(scores), torch.empty_like(scores)
+    compiled = torch.compile(_softmax_into, dynamic=False)
+    start = time.perf_counter()
+    compiled(scores, compiled_out)
+    compile_s = time.perf_counter() - start
+    torch._softmax(scores, 1, False, out=aten_out)
+    torch.testing.assert_close(compiled_out, aten_out)
+    return {
+        "aten_into_buffer": lambda: torch._softmax(scores, 1, False, out=aten_out),
+        "inductor_into_buffer": lambda: compiled(scores, compiled_out),
+    }, compile_s
+
+
+def bench_compiled_softmax(args) -> dict:
+    """One size's softmax over [rows, items] scores, at the chunk the fused loss picks for the D=1024 step
+    (12,101 items, 8 sizes) and at ``SUB_ROWS`` rows (the leading blocks' forward, in cache)."""
+    import statistics
+
+    import torch
+
+    from recbole_fmrl.model.layers.nested_loss import SUB_ROWS, auto_chunk_size
+
+    torch.manual_seed(0)
+    n_items = 12_101
+    out = {"items": n_items, "threads": torch.get_num_threads(), "ms": {}, "compile_s": {}, "paired": {}}
+    for rows in (auto_chunk_size(n_items, 8), SUB_ROWS):
+        steps, out["compile_s"][rows] = _softmax_steps(rows, n_items)
+        times = _interleaved_times(steps, max(10, 10 * args.repeats))
+        out["ms"][rows] = {name: 1000 * statistics.median(t) for name, t in times.items()}
+        out["paired"][rows] = _paired_ratio(times, "inductor_into_buffer", "aten_into_buffer")
     return out
 
 

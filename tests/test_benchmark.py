@@ -470,3 +470,31 @@ def test_loss_alone_times_the_fused_loss_with_and_without_sub_rows_and_item_tile
         assert seen and set(seen) == {expected}, name
         assert (nested_loss.SUB_COLUMNS, nested_loss.ITEM_TILE) == default  # restored after the step
     steps["gemm_floor"]()
+
+
+def test_compiled_softmax_times_aten_and_inductor_on_the_same_scores(monkeypatch):
+    from types import SimpleNamespace
+
+    import pytest
+    import torch
+
+    from benchmarks import run
+    from recbole_fmrl.model.layers import nested_loss
+
+    compiled = []
+
+    def eager(fn, **kwargs):  # no C++ build in the unit tests: the eager function stands in for inductor's
+        compiled.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", eager)
+    monkeypatch.setattr(nested_loss, "auto_chunk_size", lambda n_items, n_sizes: 6)
+    monkeypatch.setattr(nested_loss, "SUB_ROWS", 2)
+    out = run.bench_compiled_softmax(SimpleNamespace(repeats=1))
+    assert compiled == [{"dynamic": False}] * 2
+    assert set(out["ms"]) == set(out["paired"]) == set(out["compile_s"]) == {6, 2}
+    assert all(set(ms) == {"aten_into_buffer", "inductor_into_buffer"} for ms in out["ms"].values())
+    # A compiled kernel that computes something else is refused before anything is timed.
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: lambda scores, out: out.zero_())
+    with pytest.raises(AssertionError):
+        run._softmax_steps(3, 7)
