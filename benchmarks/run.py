@@ -22,10 +22,11 @@ from ``--data_path`` (default ``../shared/datasets``) and fall back to the shipp
 - narrow_grads: the two gradient products of one narrow block of the fused loss at the D=1024 step's chunk
   shape, in both orientations (the wide dimension last, or the narrow one first, as the loss takes them for
   blocks under ``NARROW_COLUMNS``), interleaved, medians.
-- compiled_softmax: the fused loss's per-size softmax (ATen's, into the loss's preallocated buffer) beside
-  torch.compile's (inductor) into the same buffer, at the D=1024 step's chunk shape and at the leading
-  blocks' ``SUB_ROWS`` rows: whether a generated kernel beats ATen's on those memory-bound passes;
-  interleaved, medians and paired ratios (the compile time is reported, not timed in).
+- compiled_softmax: the fused loss's per-size softmax (ATen's, into a kept buffer, as the loss takes it)
+  beside torch.compile's (inductor) into a buffer of the same shape, at the D=1024 step's chunk shape and at
+  the leading blocks' ``SUB_ROWS`` rows: whether a generated kernel beats ATen's on those passes;
+  interleaved, medians and paired ratios (the first compiled call is reported, not timed in; without a C++
+  compiler for inductor the result says so and the other benchmarks go on).
 - loss_memory: peak RSS of a training step on a 100,000-item synthetic catalogue at D=256, fused vs
   reference, each in its own process, beside the model + gradients + optimiser state + loss scratch.
 
@@ -191,15 +192,16 @@ def _softmax_steps(rows: int, n_items: int) -> tuple[dict, float]:
     scores = torch.randn(rows, n_items)
     aten_out, compiled_out = torch.empty_like(scores), torch.empty_like(scores)
     compiled = torch.compile(_softmax_into, dynamic=False)
-    start = time.perf_counter()
-    compiled(scores, compiled_out)
-    compile_s = time.perf_counter() - start
-    torch._softmax(scores, 1, False, out=aten_out)
-    torch.testing.assert_close(compiled_out, aten_out)
-    return {
+    steps = {
         "aten_into_buffer": lambda: torch._softmax(scores, 1, False, out=aten_out),
         "inductor_into_buffer": lambda: compiled(scores, compiled_out),
-    }, compile_s
+    }
+    start = time.perf_counter()
+    steps["inductor_into_buffer"]()
+    compile_s = time.perf_counter() - start
+    steps["aten_into_buffer"]()
+    torch.testing.assert_close(compiled_out, aten_out)
+    return steps, compile_s
 
 
 def bench_compiled_softmax(args) -> dict:
@@ -215,7 +217,13 @@ def bench_compiled_softmax(args) -> dict:
     n_items = 12_101
     out = {"items": n_items, "threads": torch.get_num_threads(), "ms": {}, "compile_s": {}, "paired": {}}
     for rows in (auto_chunk_size(n_items, 8), SUB_ROWS):
-        steps, out["compile_s"][rows] = _softmax_steps(rows, n_items)
+        try:
+            steps, out["compile_s"][rows] = _softmax_steps(rows, n_items)
+        except AssertionError:
+            raise
+        except Exception as err:  # inductor's CPU kernels need a C++ compiler; the other benchmarks go on
+            out["unavailable"] = f"torch.compile failed ({type(err).__name__}); inductor needs a C++ compiler"
+            return out
         times = _interleaved_times(steps, max(10, 10 * args.repeats))
         out["ms"][rows] = {name: 1000 * statistics.median(t) for name, t in times.items()}
         out["paired"][rows] = _paired_ratio(times, "inductor_into_buffer", "aten_into_buffer")

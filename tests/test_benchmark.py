@@ -498,3 +498,10 @@ def test_compiled_softmax_times_aten_and_inductor_on_the_same_scores(monkeypatch
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: lambda scores, out: out.zero_())
     with pytest.raises(AssertionError):
         run._softmax_steps(3, 7)
+
+    def no_compiler(scores, out):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: no_compiler)
+    out = run.bench_compiled_softmax(SimpleNamespace(repeats=1))
+    assert "C++ compiler" in out["unavailable"] and out["ms"] == {}
