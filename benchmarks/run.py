@@ -222,7 +222,9 @@ def bench_compiled_softmax(args) -> dict:
         except AssertionError:
             raise
         except Exception as err:  # inductor's CPU kernels need a C++ compiler; the other benchmarks go on
-            out["unavailable"] = f"torch.compile failed ({type(err).__name__}); inductor needs a C++ compiler"
+            out["unavailable"] = (
+                f"torch.compile failed ({type(err).__name__}: {err}); inductor's CPU kernels need a C++ compiler"
+            )
             return out
         times = _interleaved_times(steps, max(10, 10 * args.repeats))
         out["ms"][rows] = {name: 1000 * statistics.median(t) for name, t in times.items()}
