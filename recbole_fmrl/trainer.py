@@ -36,8 +36,8 @@ def fused_optimizer_supported(params) -> bool:
 class fMRLRecTrainer(Trainer):  # noqa: N801
     """RecBole's Trainer with the official fMRLRec optimisation.
 
-    - AdamW/Adam with ``adam_eps``, no weight decay on biases and norm weights, and the fused kernel where
-      the parameters allow it;
+    - AdamW/Adam with ``adam_eps``, no weight decay on biases and norm weights, trained item-feature tables
+      at ``feature_lr_scale`` times the learning rate, and the fused kernel where the parameters allow it;
     - ``lr_scheduler: cosine``: linear warm-up over ``warmup_steps`` optimizer steps, then cosine decay over
       ``epochs`` epochs, stepped after every optimizer step;
     - ``train_mode: all_positions``: one window per user sequence, while RecBole's training statistics (for
@@ -48,16 +48,25 @@ class fMRLRecTrainer(Trainer):  # noqa: N801
         learner = kwargs.pop("learner", self.config["learner"]).lower()
         if learner not in ("adam", "adamw"):
             return super()._build_optimizer(learner=learner, **kwargs)
-        decay, no_decay = [], []
+        lr = kwargs.pop("learning_rate", self.learning_rate)
+        weight_decay = kwargs.pop("weight_decay", self.weight_decay)
+        tables = {id(p) for p in getattr(self.model, "trained_feature_tables", list)()}
+        decay, no_decay, features = [], [], []
         for name, param in self.model.named_parameters():
-            if param.requires_grad:
+            if not param.requires_grad:
+                continue
+            if id(param) in tables:
+                features.append(param)
+            else:
                 (no_decay if "bias" in name or "norm" in name else decay).append(param)
         groups = [
-            {"params": decay, "weight_decay": kwargs.pop("weight_decay", self.weight_decay)},
+            {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+        if features:
+            scale = float(self.config["feature_lr_scale"] or 1.0)
+            groups.append({"params": features, "weight_decay": weight_decay, "lr": lr * scale})
         optimizer = torch.optim.AdamW if learner == "adamw" else torch.optim.Adam
-        lr = kwargs.pop("learning_rate", self.learning_rate)
         params = [p for group in groups for p in group["params"]]
         return optimizer(
             groups, lr=lr, eps=float(self.config["adam_eps"]), fused=fused_optimizer_supported(params)

@@ -255,6 +255,7 @@ def test_checkpoint_from_before_new_keys_loads_with_their_defaults(trained, tmp_
         "qarm_codes",
         "mrl_eval_scoring",
         "train_feature_copy",
+        "feature_lr_scale",
     ):
         del checkpoint["config"].final_config_dict[key]
     old = tmp_path / "old.pth"
@@ -262,6 +263,7 @@ def test_checkpoint_from_before_new_keys_loads_with_their_defaults(trained, tmp_
     config, model, *_ = load_data_and_model(str(old), trust=True)
     assert config["encoder"] == "lru" and config["item_tower"] == "features"
     assert config["mrl_eval_scoring"] == "fused" and config["train_feature_copy"] is False
+    assert config["feature_lr_scale"] == 1.0
     assert model.encoder.__class__.__name__ == "LRUEncoder"
 
 

@@ -3,6 +3,7 @@
 import copy
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +71,63 @@ def test_trainer_warms_up_and_spares_biases_and_norms_from_decay(mm, in_tmp):
     peak = config["learning_rate"]
     assert lrs[:5] == pytest.approx([0, peak / 4, peak / 2, 3 * peak / 4, peak])
     assert lrs[5] < peak
+
+
+@pytest.mark.parametrize(
+    "tower", [{"freeze_features": False}, {"freeze_features": True, "train_feature_copy": True}]
+)
+def test_trained_feature_tables_learn_at_feature_lr_scale_through_the_schedule(in_tmp, tower):
+    import numpy as np
+
+    items = Path(__file__).resolve().parents[1] / "dataset_atomic" / "mm-sample" / "mm-sample.item"
+    tokens = [line.split("\t")[0] for line in items.read_text().splitlines()[1:] if line.strip()]
+    np.save(in_tmp / "f.npy", np.random.default_rng(0).normal(size=(len(tokens), 24)).astype(np.float32))
+    (in_tmp / "ids.txt").write_text("\n".join(tokens))
+    features = {"text": {"path": str(in_tmp / "f.npy"), "ids": str(in_tmp / "ids.txt")}}
+    config = Config(
+        "fMRLRec",
+        "mm-sample",
+        config_dict={
+            **FAST,
+            "modalities": ["text"],
+            "precomputed_features": features,
+            "use_id_embedding": False,
+            **tower,
+            "hidden_size": 16,
+            "mrl_sizes": [8, 16],
+            "feature_lr_scale": 0.25,
+            "warmup_steps": 4,
+            "weight_decay": 0.0,
+        },
+    )
+    dataset = create_dataset(config)
+    train = data_preparation(config, dataset)[0]
+    init_seed(0, True)
+    model = fMRLRec(config, train._dataset)
+    trainer = fMRLRecTrainer(config, model)
+    tables = model.trained_feature_tables()
+    table = model.item_tower.features if tower["freeze_features"] is False else model.item_tower.feature_copy
+    assert [id(t) for t in tables] == [id(table)]
+    *others, feature_group = trainer.optimizer.param_groups
+    assert [id(p) for p in feature_group["params"]] == [id(table)]
+    assert all(id(p) != id(table) for group in others for p in group["params"])
+    peak = config["learning_rate"]
+    assert feature_group["lr"] == pytest.approx(peak / 4) and others[0]["lr"] == pytest.approx(peak)
+    batch = next(iter(train)).to(config["device"])
+    # Adam's first step moves every weight with a gradient by its learning rate (eps is 1e-9): the feature
+    # table by a quarter of what the projection moves.
+    weight = (
+        model.item_tower.projection if tower["freeze_features"] is False else model.item_tower.copy_projection
+    )
+    before = table.detach().clone(), weight.weight.detach().clone()
+    model.calculate_loss(batch).backward()
+    trainer.optimizer.step()
+    assert (table.detach() - before[0]).abs().max().item() == pytest.approx(peak / 4, rel=1e-3)
+    assert (weight.weight.detach() - before[1]).abs().max().item() == pytest.approx(peak, rel=1e-3)
+    trainer._attach_schedule(steps_per_epoch=10)
+    for step in range(1, 4):  # the warm-up scales both rates alike
+        trainer.optimizer.step()
+        assert feature_group["lr"] == pytest.approx(others[0]["lr"] / 4) == pytest.approx(peak * step / 16)
 
 
 def test_resumed_training_continues_the_schedule(mm, in_tmp):

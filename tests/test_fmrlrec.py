@@ -170,6 +170,13 @@ def test_training_beats_popularity_on_mm_sample(in_tmp):
         ({"feature_norm": "zscore"}, ConfigError, "feature_norm='zscore' is not valid"),
         ({"feature_norm": "standardize", "item_tower": "qarm"}, ConfigError, "item_tower: features only"),
         ({"train_feature_copy": True}, ConfigError, "train_feature_copy=True .* needs .* a modality"),
+        ({"feature_lr_scale": 0}, ConfigError, "feature_lr_scale=0 must be a number > 0 .* freeze_features"),
+        ({"feature_lr_scale": "slow"}, ConfigError, "feature_lr_scale='slow' must be a number > 0"),
+        (
+            {"feature_lr_scale": 0.5, "learner": "sgd"},
+            ConfigError,
+            "feature_lr_scale=0.5 needs learner adam or adamw .* or set feature_lr_scale=1.0",
+        ),
         (
             {"train_feature_copy": True, "modalities": ["text"], "freeze_features": False},
             ConfigError,
@@ -190,6 +197,8 @@ def test_bad_config_is_rejected(mm, extra, error, match):
         "item_tower": "features",
         "train_feature_copy": False,
         "freeze_features": True,
+        "feature_lr_scale": 1.0,
+        "learner": "adamw",
     }
     saved = {key: config[key] for key in {**base, **extra}}
     for key, value in {**base, **extra}.items():

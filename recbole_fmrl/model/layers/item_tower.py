@@ -132,6 +132,12 @@ class ItemTower(nn.Module):
         trained = isinstance(getattr(self, "features", None), nn.Parameter) or self.feature_copy is not None
         return self.FOLD_TRAINED_FEATURES and trained
 
+    def trained_feature_tables(self) -> list[nn.Parameter]:
+        """The per-item feature tables being trained (``freeze_features: False``, ``train_feature_copy``):
+        the parameters ``feature_lr_scale`` applies to."""
+        tables = [getattr(self, "features", None), self.feature_copy]
+        return [t for t in tables if isinstance(t, nn.Parameter) and t.requires_grad]
+
     @torch.no_grad()
     def slice_(self, sizes: list[int]) -> None:
         m = sizes[-1]

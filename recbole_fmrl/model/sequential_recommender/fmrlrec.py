@@ -108,6 +108,17 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
             raise ConfigError(
                 f"lr_scheduler={config['lr_scheduler']!r} is not valid: use one of {SCHEDULES}."
             )
+        scale = config["feature_lr_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ConfigError(
+                f"feature_lr_scale={scale!r} must be a number > 0 (a multiple of learning_rate); to keep the "
+                "features fixed set freeze_features=True."
+            )
+        if scale != 1 and str(config["learner"]).lower() not in ("adam", "adamw"):
+            raise ConfigError(
+                f"feature_lr_scale={scale!r} needs learner adam or adamw (learner={config['learner']!r} "
+                "trains every parameter at one rate): change the learner, or set feature_lr_scale=1.0."
+            )
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -142,6 +153,10 @@ class fMRLRec(MatryoshkaRecommender, SequentialRecommender):  # noqa: N801  (the
         return LRUEncoder(
             self.mrl_sizes, int(config["n_layers"]), r_min=config["r_min"], r_max=config["r_max"], **common
         )
+
+    def trained_feature_tables(self) -> list[nn.Parameter]:
+        """The item tower's trained feature tables, which the trainer gives ``feature_lr_scale``."""
+        return self.item_tower.trained_feature_tables()
 
     def build_item_tower(self, config, dataset) -> ItemTower:
         """``item_tower: features``: projected frozen features [+ ID]; ``qarm``: QARM codes' embeddings
