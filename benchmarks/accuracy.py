@@ -113,6 +113,26 @@ VARIANTS = {
         {"freeze_features": False, "use_id_embedding": False, **_D1024},
         _FMRL_GRID,
     ),
+    # Trained text with two LRU blocks instead of the paper's one (SASRec's defaults stack two layers), to
+    # test whether encoder depth is what keeps text-only fMRLRec below SASRec on R@10.
+    "fMRLRec-2blocks": (
+        "fMRLRec",
+        {"freeze_features": False, "use_id_embedding": False, "n_layers": 2},
+        _FMRL_GRID,
+    ),
+    # Trained text whose feature table learns at a fifth / half of the learning rate (feature_lr_scale):
+    # between trained text (1.0; higher N@10) and standardised features, whose unit-scale columns change
+    # about 20 times less per Adam step relative to their values (higher R@10).
+    "fMRLRec-flr0.2": (
+        "fMRLRec",
+        {"freeze_features": False, "use_id_embedding": False, "feature_lr_scale": 0.2},
+        _FMRL_GRID,
+    ),
+    "fMRLRec-flr0.5": (
+        "fMRLRec",
+        {"freeze_features": False, "use_id_embedding": False, "feature_lr_scale": 0.5},
+        _FMRL_GRID,
+    ),
     # Frozen features plus a trained copy of them (train_feature_copy): frozen text + ID's structure, with
     # the per-item trained part initialised from the text instead of noise; text features only, no IDs.
     "fMRLRec-frozen-copy": (
