@@ -64,7 +64,7 @@ class fMRLRecTrainer(Trainer):  # noqa: N801
             {"params": no_decay, "weight_decay": 0.0},
         ]
         if features:
-            scale = float(self.config["feature_lr_scale"] or 1.0)
+            scale = float(self.config["feature_lr_scale"])
             groups.append({"params": features, "weight_decay": weight_decay, "lr": lr * scale})
         optimizer = torch.optim.AdamW if learner == "adamw" else torch.optim.Adam
         params = [p for group in groups for p in group["params"]]
