@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, random_text_features
 
 from recbole_fmrl.quick_start import run_recbole_fmrl
 from recbole_fmrl.submodel.checkpoint import read_checkpoint
@@ -71,13 +71,7 @@ def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     data = root / "data"
     shutil.copytree(REPO / "dataset_atomic" / "mm-sample", data / "mm-sample")
-    items = [
-        line.split("\t")[0] for line in (data / "mm-sample" / "mm-sample.item").read_text().splitlines()[1:]
-    ]
-    rng = np.random.default_rng(0)
-    np.save(root / "feat.npy", rng.standard_normal((len(items), 8)).astype(np.float32))
-    (root / "ids.txt").write_text("\n".join(items) + "\n")
-    features = {"text": {"path": str(root / "feat.npy"), "ids": str(root / "ids.txt")}}
+    features = random_text_features(root, 8)
     cwd = os.getcwd()
     os.chdir(root)
     try:

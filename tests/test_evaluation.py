@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, random_text_features
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from recbole.data import create_dataset, data_preparation
@@ -274,19 +274,15 @@ def test_export_with_trained_features_is_a_folded_table_and_scores_alike(in_tmp,
     """freeze_features: False, or a trained copy beside frozen features: the exported file holds an
     n_items x m table instead of the feature tables (and no digest of the frozen ones), and loads (as an
     ID-embedding model) to the nested model's size-m scores."""
-    import numpy as np
-
-    dataset = Path(__file__).resolve().parents[1] / "dataset_atomic" / "mm-sample" / "mm-sample.item"
-    tokens = [line.split("\t")[0] for line in dataset.read_text().splitlines()[1:] if line.strip()]
-    np.save(in_tmp / "f.npy", np.random.default_rng(0).normal(size=(len(tokens), 48)).astype(np.float32))
-    (in_tmp / "ids.txt").write_text("\n".join(tokens))
+    features = random_text_features(in_tmp, 48)
+    n_items = len(Path(features["text"]["ids"]).read_text().split())
     result = run_recbole_fmrl(
         "fMRLRec",
         "mm-sample",
         config_dict={
             **FAST,
             "modalities": ["text"],
-            "precomputed_features": {"text": {"path": str(in_tmp / "f.npy"), "ids": str(in_tmp / "ids.txt")}},
+            "precomputed_features": features,
             **tower,
             "hidden_size": 32,
             "mrl_sizes": SIZES,
@@ -301,7 +297,7 @@ def test_export_with_trained_features_is_a_folded_table_and_scores_alike(in_tmp,
     state = read_portable(path)
     assert state["config"]["modalities"] == [] and state["config"]["use_id_embedding"] is True
     assert not any(key.startswith("item_tower.feature") for key in state["state_dict"])
-    assert state["state_dict"]["item_tower.id_embedding.weight"].shape == (len(tokens) + 1, 8)
+    assert state["state_dict"]["item_tower.id_embedding.weight"].shape == (n_items + 1, 8)
     _, nested, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
     _, sub, *_ = load_data_and_model(str(path))
     nested.eval(), sub.eval()

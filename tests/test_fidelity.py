@@ -3,11 +3,10 @@
 import copy
 import math
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, random_text_features
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 from torch.nn import functional as F
@@ -77,13 +76,7 @@ def test_trainer_warms_up_and_spares_biases_and_norms_from_decay(mm, in_tmp):
     "tower", [{"freeze_features": False}, {"freeze_features": True, "train_feature_copy": True}]
 )
 def test_trained_feature_tables_learn_at_feature_lr_scale_through_the_schedule(in_tmp, tower):
-    import numpy as np
-
-    items = Path(__file__).resolve().parents[1] / "dataset_atomic" / "mm-sample" / "mm-sample.item"
-    tokens = [line.split("\t")[0] for line in items.read_text().splitlines()[1:] if line.strip()]
-    np.save(in_tmp / "f.npy", np.random.default_rng(0).normal(size=(len(tokens), 24)).astype(np.float32))
-    (in_tmp / "ids.txt").write_text("\n".join(tokens))
-    features = {"text": {"path": str(in_tmp / "f.npy"), "ids": str(in_tmp / "ids.txt")}}
+    features = random_text_features(in_tmp, 24)
     config = Config(
         "fMRLRec",
         "mm-sample",
