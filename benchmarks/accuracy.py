@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from recbole_fmrl.fileio import atomic_write, atomic_write_bytes
+from recbole_fmrl.quick_start import best_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "benchmarks" / "runs"
@@ -302,11 +303,10 @@ def continued_result(earlier: dict, later: dict) -> dict:
     """
     kept = earlier["valid_history"][: earlier["best_epoch"] + 1]
     history = kept + later["valid_history"]
-    best_epoch = max(range(len(history)), key=history.__getitem__)
     merged = {
         **later,
         "valid_history": history,
-        "best_epoch": best_epoch,
+        "best_epoch": best_epoch(history),
         "train_seconds": round(earlier["train_seconds"] + later["train_seconds"], 3),
         "wall_seconds": round(earlier["wall_seconds"] + later["wall_seconds"], 1),
         "continued": {

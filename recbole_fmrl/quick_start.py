@@ -110,6 +110,16 @@ def run_recbole_fmrl(
     return result
 
 
+def best_epoch(scores: list[float], bigger: bool = True) -> int:
+    """Index of the epoch whose checkpoint RecBole keeps: the last of tied best scores.
+
+    RecBole's ``early_stopping`` saves on ``value >= best`` (``<=`` when smaller is better), and valid scores
+    are rounded to ``metric_decimal_place``, so ties are common and the later epoch is the one tested.
+    """
+    best = max(scores) if bigger else min(scores)
+    return max(i for i, score in enumerate(scores) if score == best)
+
+
 class TimeBudgetReached(Exception):
     """Raised between epochs once ``time_budget`` minutes of training have passed."""
 
@@ -160,14 +170,14 @@ class TrainingClock:
             stopped_by = "early_stopping"
         else:
             stopped_by = "epochs"
-        bigger = config["valid_metric_bigger"]
-        best = max(self.history, key=lambda h: h[1] if bigger else -h[1]) if self.history else None
+        scores = [score for _, score in self.history]
+        best = self.history[best_epoch(scores, config["valid_metric_bigger"])] if self.history else None
         return {
             "epochs": self.history[-1][0] + 1 if self.history else None,
             "best_epoch": best[0] if best else None,
             "stopped_by": stopped_by,
             "train_seconds": self.train_seconds,
-            "valid_history": [score for _, score in self.history],
+            "valid_history": scores,
         }
 
 

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from recbole.utils import early_stopping
 
 from recbole_fmrl import benchmark
 from recbole_fmrl.errors import ConfigError
-from recbole_fmrl.quick_start import run_recbole_fmrl
+from recbole_fmrl.quick_start import TrainingClock, best_epoch, run_recbole_fmrl
 
 SMALL_FMRL = "modalities: []\nuse_id_embedding: True\nhidden_size: 32\nmrl_sizes: [8, 16, 32]\n"
 
@@ -82,6 +85,30 @@ def test_time_budget_stops_after_the_epoch_and_tests_the_best_model(in_tmp):
     assert result["stopped_by"] == "time_budget" and result["epochs"] == 1 and result["best_epoch"] == 0
     assert len(result["valid_history"]) == 1 and result["test_result"]["ndcg@10"] >= 0
     assert result["params"] > 0 and result["train_seconds"] > 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    scores=st.lists(st.sampled_from([0.1, 0.2, 0.3, 0.4]), min_size=1, max_size=12),
+    bigger=st.booleans(),
+)
+def test_best_epoch_is_the_checkpoint_recbole_keeps(scores, bigger):
+    # Rounded valid scores tie often; RecBole saves on every tie with the best, so the last one is tested.
+    best, kept = float("-inf") if bigger else float("inf"), None
+    for epoch, score in enumerate(scores):
+        best, _, _, update = early_stopping(score, best, 0, 100, bigger=bigger)
+        kept = epoch if update else kept
+    assert best_epoch(scores, bigger) == kept
+
+
+def test_a_tied_best_epoch_names_the_later_epoch_in_the_record(in_tmp):
+    clock = TrainingClock(None)
+    for epoch, score in enumerate([0.1, 0.3, 0.2, 0.3, 0.25]):
+        clock(epoch, score)
+    clock.stop()
+    trainer = type("T", (), {"cur_step": 1, "stopping_step": 5})()
+    summary = clock.summary(trainer, {"valid_metric_bigger": True})
+    assert summary["best_epoch"] == 3 and summary["epochs"] == 5 and summary["stopped_by"] == "epochs"
 
 
 def test_bad_time_budget_is_a_config_error(in_tmp):
@@ -377,6 +404,20 @@ def test_a_continued_point_without_a_better_epoch_keeps_its_checkpoint_results()
     merged = continued_result(earlier, later)
     assert merged["best_epoch"] == 1 and merged["best_valid_result"] == {"ndcg@10": 0.3}
     assert merged["valid_history"] == [0.1, 0.3, 0.25, 0.28]
+
+
+def test_a_continued_point_that_ties_its_best_names_the_later_epoch():
+    from benchmarks.accuracy import continued_result
+
+    earlier = {
+        "valid_history": [0.1, 0.3, 0.2], "best_epoch": 1, "train_seconds": 10.0, "wall_seconds": 11.0,
+        "epochs": 3, "stopped_by": "time_budget", "config": {},
+    }  # fmt: skip
+    later = {
+        "valid_history": [0.3, 0.28], "train_seconds": 5.0, "wall_seconds": 6.0,
+        "best_valid_result": {"ndcg@10": 0.3},
+    }  # fmt: skip
+    assert continued_result(earlier, later)["best_epoch"] == 2  # RecBole's resumed run saved the tie
 
 
 def test_speed_benchmarks_time_steps_in_turn_and_pair_their_ratios():
