@@ -101,7 +101,7 @@ def test_best_epoch_is_the_checkpoint_recbole_keeps(scores, bigger):
     assert best_epoch(scores, bigger) == kept
 
 
-def test_a_tied_best_epoch_names_the_later_epoch_in_the_record(in_tmp):
+def test_a_tied_best_epoch_names_the_later_epoch_in_the_record():
     clock = TrainingClock(None)
     for epoch, score in enumerate([0.1, 0.3, 0.2, 0.3, 0.25]):
         clock(epoch, score)
