@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -312,7 +313,8 @@ def test_accuracy_variants_pin_their_item_tower_whatever_the_cpu_profile_says():
         assert config["hidden_size"] == width, name
         assert config["mrl_sizes"][-1] == config["hidden_size"], name
         assert config["n_layers"] == (2 if name.endswith("-2blocks") else 1), name
-        assert config["feature_lr_scale"] == float(name.partition("-flr")[2] or 1), name
+        scale = re.search(r"-flr([0-9.]+)", name)
+        assert config["feature_lr_scale"] == float(scale[1] if scale else 1), name
     assert towers["fMRLRec"] == (False, False, True)
     assert towers["fMRLRec-frozen"] == (True, False, True)
     assert towers["fMRLRec-id"] == (False, True, True)
@@ -323,6 +325,7 @@ def test_accuracy_variants_pin_their_item_tower_whatever_the_cpu_profile_says():
         and towers["fMRLRec-d512"] == towers["fMRLRec-std-d512"] == towers["fMRLRec"]
         and towers["fMRLRec-d1024"] == towers["fMRLRec-2blocks"] == towers["fMRLRec"]
         and towers["fMRLRec-flr0.2"] == towers["fMRLRec-flr0.5"] == towers["fMRLRec"]
+        and towers["fMRLRec-flr0.2-d512"] == towers["fMRLRec"]
     )
     assert towers["LRURec-id"][1:] == (True, False)
 
