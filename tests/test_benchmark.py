@@ -291,6 +291,20 @@ def test_accuracy_seed_reaches_every_point_and_is_recbole_s_own_by_default(tmp_p
     assert accuracy.main([*argv, f"--out={tmp_path / 'seed7'}", "--seed=7"]) == 0 and len(specs) == 2
 
 
+def test_accuracy_sasrec_variants_share_one_grid_and_keep_the_feed_forward_at_four_times_the_width():
+    """SASRec-h128 is SASRec with only the width changed, so its grid points compare with SASRec's."""
+    from benchmarks import accuracy
+    from recbole_fmrl.config import Config
+
+    sasrec = {name: spec for name, spec in accuracy.VARIANTS.items() if spec[0] == "SASRec"}
+    assert set(sasrec) == {"SASRec", "SASRec-h128"}
+    assert sasrec["SASRec"][2] == sasrec["SASRec-h128"][2]
+    for name, (model, fixed, _) in sasrec.items():
+        config = Config(model, "ml-100k", config_dict={"state": "WARNING", "use_gpu": False, **fixed})
+        width = int(name.partition("-h")[2] or 64)
+        assert (config["hidden_size"], config["inner_size"]) == (width, 4 * width), name
+
+
 def test_accuracy_variants_pin_their_item_tower_whatever_the_cpu_profile_says():
     """Each fMRLRec variant's recorded numbers stay reproducible when the CPU profile's tower changes."""
     from benchmarks import accuracy
