@@ -18,7 +18,9 @@ paper's, and its sizes, with the one that a second selection on valid N@10 would
 ``--out`` defaults to the git-ignored ``benchmarks/runs/accuracy-<UTC time>``. ``--continue_from=DIR``
 trains the points that DIR's run stopped by its budget on from their best checkpoint (RecBole's resume) for
 ``--budget`` more minutes, writing the joined record (both runs' epochs and time) to ``--out``; points that
-had converged are copied as they were. ``--profile=paper`` trains the fMRLRec variants with the paper's GPU
+had converged are copied as they were. Each point also keeps ``<variant>-<k>.progress.json`` while it trains
+(its record after every validated epoch), so a point whose process is killed (a machine or session that
+ends) continues from its last saved best epoch the same way. ``--profile=paper`` trains the fMRLRec variants with the paper's GPU
 defaults (``model/fMRLRec.yaml``: D=1024, 8 sizes, lr 1e-4, batch 32) and their grid around them, instead of
 the CPU profile (``profiles/fMRLRec-cpu.yaml``: D=256, batch 64) and its grid; the other models are the same
 under both. ``--seed`` sets RecBole's ``seed`` (initialisation, shuffling, dropout; RecBole's 2020 when not
@@ -271,11 +273,26 @@ def summarise(results: list[dict], dataset: str) -> tuple[dict, str]:
     return summary, "\n".join(lines) + "\n"
 
 
-def _earlier_result(parser: argparse.ArgumentParser, source: Path, variant: str, k: int) -> dict:
+def _progress_file(out: Path, variant: str, k: int) -> Path:
+    return out / f"{variant}-{k}.progress.json"
+
+
+def _record(path: Path) -> dict:
+    """A point's record: a finished one as written; an interrupted one joined to the run it continued."""
+    record = json.loads(path.read_text())
+    if record["stopped_by"] == "interrupted" and record.get("continues"):
+        return continued_result(_record(Path(record["continues"])), record)
+    return record
+
+
+def _earlier_result(parser: argparse.ArgumentParser, source: Path, variant: str, k: int) -> tuple[dict, Path]:
+    """The point's record in ``source`` and its file: the finished one, else the progress of a killed run."""
     path = source / f"{variant}-{k}.json"
     if not path.is_file():
-        parser.error(f"--continue_from={source}: it has no {path.name}; train that point there first")
-    return json.loads(path.read_text())
+        path = _progress_file(source, variant, k)
+    if not path.is_file():
+        parser.error(f"--continue_from={source}: it has no {variant}-{k}.json; train that point there first")
+    return _record(path), path
 
 
 def _same_seed(parser: argparse.ArgumentParser, args, where: str, record: dict) -> None:
@@ -416,30 +433,48 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(json.loads(target.read_text()))
                 _same_seed(parser, args, f"--out={out}", results[-1])
                 continue
-            earlier = None
+            progress = _progress_file(out, variant, k)
+            if progress.is_file():  # a killed point: training it from the start would throw its epochs away
+                epochs = json.loads(progress.read_text()).get("epochs")
+                parser.error(
+                    f"--out={out}: {variant} point {k} was interrupted after {epochs} epochs ({progress.name}); "
+                    f"continue it with --continue_from={out} and a new --out, or delete {progress.name} to "
+                    "train it from the start"
+                )
+            earlier, earlier_file = None, None
             if source is not None:
-                earlier = _earlier_result(parser, source, variant, k)
+                earlier, earlier_file = _earlier_result(parser, source, variant, k)
                 _same_seed(parser, args, f"--continue_from={source}", earlier)
-                if earlier["stopped_by"] != "time_budget":  # converged or out of epochs: nothing to continue
+                if earlier["stopped_by"] not in ("time_budget", "interrupted"):  # converged or out of epochs
                     atomic_write_bytes(target, (json.dumps(earlier, indent=2) + "\n").encode())
                     results.append(earlier)
                     continue
             # The checkpoint is copied now: a missing one stops the command before any point trains.
             resume = _resume_spec(earlier, out) if earlier is not None else {}
-            todo.append((variant, k, point, target, earlier, resume))
+            if earlier_file is not None:
+                resume["continues"] = str(earlier_file.resolve())  # how an interrupted continuation joins up
+            todo.append((variant, k, point, target, earlier, {**resume, "progress_file": str(progress)}))
 
     def train(job) -> dict:
         variant, k, point, target, earlier, resume = job
         spec = {**_spec(args, variant, k, point, out), **resume}
         print(f"{variant} point {k}: {point}" + (f", continued from {source}" if earlier else ""), flush=True)
         result = run_in_subprocess(spec, cwd=ROOT)
+        progress = Path(spec.pop("progress_file"))
         if "error" in result:
-            print(f"{variant} point {k} failed:\n{result['stderr']}", file=sys.stderr)
+            kept = (
+                f"\nits record up to its last validated epoch is kept in {progress}: --continue_from={out} "
+                "trains it on from there"
+                if progress.is_file()
+                else ""
+            )
+            print(f"{variant} point {k} failed:\n{result['stderr']}{kept}", file=sys.stderr)
             return {}
         result = {**spec, **result}
         if earlier is not None:
             result = continued_result(earlier, result)
         atomic_write_bytes(target, (json.dumps(result, indent=2) + "\n").encode())
+        progress.unlink(missing_ok=True)  # the finished record supersedes it
         test = result["test_result"]
         print(
             f"{variant} point {k}: valid N@10 {result['best_valid_score']:.4f}  test N@10 {test['ndcg@10']:.4f} "

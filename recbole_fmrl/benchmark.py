@@ -58,7 +58,11 @@ def model_group(model: str) -> str:
 
 
 def run_model(spec: dict) -> dict:
-    """Train and test one model in this process (the ``--child`` side); JSON-ready result."""
+    """Train and test one model in this process (the ``--child`` side); JSON-ready result.
+
+    With ``spec["progress_file"]``, the spec and the training record so far are written there after every
+    validated epoch (``stopped_by: interrupted``), so a process killed mid-run leaves what it had done.
+    """
     import torch
 
     import recbole_fmrl  # noqa: F401  (compat fixes)
@@ -67,6 +71,14 @@ def run_model(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     start = time.perf_counter()
+    on_epoch = None
+    if spec.get("progress_file"):
+        progress_file = Path(spec["progress_file"])
+
+        def on_epoch(progress: dict) -> None:
+            record = {**spec, **progress, "wall_seconds": round(time.perf_counter() - start, 1)}
+            atomic_write_bytes(progress_file, (json.dumps(plain(record), indent=2) + "\n").encode())
+
     result = run_recbole_fmrl(
         model=spec["model"],
         dataset=spec["dataset"],
@@ -76,6 +88,7 @@ def run_model(spec: dict) -> dict:
         cli_args=[],
         resume_file=spec.get("resume_file"),
         trust=bool(spec.get("trust_resume_file")),
+        on_epoch=on_epoch,
     )
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from logging import getLogger
 
 from recbole.data import create_dataset, data_preparation
@@ -33,6 +34,7 @@ def run_recbole_fmrl(
     cli_args: list[str] | None = None,
     resume_file: str | None = None,
     trust: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train and test ``model`` on ``dataset``; returns RecBole's result dict.
 
@@ -40,6 +42,8 @@ def run_recbole_fmrl(
     ``resume_file``: a checkpoint RecBole's trainer saved for this model; training continues from its epoch,
     weights, optimizer state and early-stopping count (RecBole's ``resume_checkpoint``), and the best model
     it finds is saved over that file. It is pickled, so it loads only with ``trust`` (or when trusted).
+    ``on_epoch``: called after each validated epoch, once its checkpoint is saved, with the training record so
+    far (``TrainingClock.progress``), so a run killed later can be continued from it instead of lost.
     """
     config = Config(
         model=model,
@@ -69,9 +73,10 @@ def run_recbole_fmrl(
     if resume_file is not None:
         _resume(trainer, config, resume_file, trust)
     clock = TrainingClock(config["time_budget"])
+    callback = clock if on_epoch is None else _reporting(clock, trainer, config, on_epoch)
     try:
         trainer.fit(
-            train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=clock
+            train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=callback
         )
     except TimeBudgetReached:
         logger.info(
@@ -108,6 +113,18 @@ def run_recbole_fmrl(
         **sized,
     }
     return result
+
+
+def _reporting(clock: TrainingClock, trainer, config, on_epoch: Callable[[dict], None]):
+    """``fit``'s callback: the clock, then ``on_epoch`` with the record so far (also when the budget stops it)."""
+
+    def callback(epoch_idx: int, valid_score: float) -> None:
+        try:
+            clock(epoch_idx, valid_score)
+        finally:
+            on_epoch(clock.progress(trainer, config))
+
+    return callback
 
 
 def best_epoch(scores: list[float], bigger: bool = True) -> int:
@@ -178,6 +195,20 @@ class TrainingClock:
             "stopped_by": stopped_by,
             "train_seconds": self.train_seconds,
             "valid_history": scores,
+        }
+
+    def progress(self, trainer, config) -> dict:
+        """The record so far, as a run killed now would leave it (``stopped_by: interrupted``).
+
+        RecBole saves the best epoch's checkpoint before ``fit`` calls back, so ``saved_model_file`` holds it.
+        """
+        return {
+            **self.summary(trainer, config),
+            "stopped_by": "interrupted",
+            "train_seconds": round(self.elapsed(), 3),
+            "best_valid_score": trainer.best_valid_score,
+            "best_valid_result": trainer.best_valid_result,
+            "saved_model_file": trainer.saved_model_file,
         }
 
 

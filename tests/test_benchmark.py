@@ -88,6 +88,33 @@ def test_time_budget_stops_after_the_epoch_and_tests_the_best_model(in_tmp):
     assert result["params"] > 0 and result["train_seconds"] > 0
 
 
+def test_a_child_writes_its_record_after_every_epoch_so_a_killed_run_keeps_it(in_tmp, monkeypatch):
+    config = {
+        **FAST, "modalities": [], "use_id_embedding": True, "hidden_size": 16, "mrl_sizes": [8, 16],
+        "epochs": 2, "checkpoint_dir": str(in_tmp),
+    }  # fmt: skip
+    progress = in_tmp / "point.progress.json"
+    spec = {
+        "model": "fMRLRec", "dataset": "mm-sample", "config_files": [], "config": config, "variant": "v",
+        "point": 0, "progress_file": str(progress),
+    }  # fmt: skip
+    seen = []
+    real_write = benchmark.atomic_write_bytes
+
+    def write(path, data):
+        seen.append(json.loads(data))
+        return real_write(path, data)
+
+    monkeypatch.setattr(benchmark, "atomic_write_bytes", write)
+    result = benchmark.run_model(spec)
+    assert [r["epochs"] for r in seen] == [1, 2] and result["stopped_by"] == "epochs"
+    last = json.loads(progress.read_text())
+    assert last == seen[-1] and last["stopped_by"] == "interrupted" and last["variant"] == "v"
+    assert last["valid_history"] == result["valid_history"] and last["best_epoch"] == result["best_epoch"]
+    assert last["best_valid_score"] == result["best_valid_score"] and last["train_seconds"] > 0
+    assert Path(last["saved_model_file"]).is_file() and last["wall_seconds"] >= 0
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     scores=st.lists(st.sampled_from([0.1, 0.2, 0.3, 0.4]), min_size=1, max_size=12),
@@ -404,6 +431,62 @@ def test_accuracy_continue_from_trains_budget_stopped_points_on_and_keeps_the_re
     with pytest.raises(SystemExit, match="its checkpoint .* is gone"):
         accuracy.main([*argv, f"--out={tmp_path / 'third'}"])
     assert len(asked) == 1
+
+
+def test_accuracy_a_killed_point_continues_from_its_progress_record_even_twice(tmp_path, monkeypatch, capsys):
+    from benchmarks import accuracy
+
+    runs = [tmp_path / name for name in ("first", "second", "third")]
+
+    def killed_after(history, epochs, best, seconds):
+        """A child that validated ``history`` (up to epoch ``epochs``, best ``best``) and was then killed."""
+
+        def run(spec, cwd=None):
+            checkpoint = Path(spec["progress_file"]).parent / "saved" / f"at-{best}.pth"
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_bytes(b"weights")
+            record = {
+                **spec, "valid_history": history, "epochs": epochs, "best_epoch": best,
+                "stopped_by": "interrupted", "train_seconds": seconds, "wall_seconds": seconds + 1,
+                "best_valid_score": max(history), "best_valid_result": {"ndcg@10": max(history)},
+                "saved_model_file": str(checkpoint),
+            }  # fmt: skip
+            Path(spec["progress_file"]).write_text(json.dumps(record))
+            asked.append(spec)
+            return {"error": "Killed", "stderr": "Killed"}
+
+        return run
+
+    asked: list[dict] = []
+    argv = ["--variants=SASRec", "--grid_points=1"]
+    monkeypatch.setattr(benchmark, "run_in_subprocess", killed_after([0.1, 0.3, 0.2], 3, 1, 100.0))
+    assert accuracy.main([*argv, f"--out={runs[0]}"]) == 1
+    assert "is kept in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the same --out would start it over and lose its three epochs
+        accuracy.main([*argv, f"--out={runs[0]}"])
+    assert "SASRec point 1 was interrupted after 3 epochs" in capsys.readouterr().err
+    # Continued from epoch 1's checkpoint and killed again after two more epochs (a new best at epoch 3).
+    monkeypatch.setattr(benchmark, "run_in_subprocess", killed_after([0.25, 0.4], 4, 3, 50.0))
+    assert accuracy.main([*argv, f"--continue_from={runs[0]}", f"--out={runs[1]}"]) == 1
+    assert Path(asked[-1]["resume_file"]).read_bytes() == b"weights"
+    assert asked[-1]["continues"] == str((runs[0] / "SASRec-1.progress.json").resolve())
+
+    def converges(spec, cwd=None):
+        asked.append(spec)
+        return {
+            "valid_history": [0.38, 0.39], "epochs": 6, "best_epoch": 3, "stopped_by": "early_stopping",
+            "train_seconds": 20.0, "wall_seconds": 21.0, "best_valid_score": 0.4, "best_valid_result": None,
+            "test_result": {"ndcg@10": 0.02, "recall@10": 0.04}, "saved_model_file": spec["resume_file"],
+        }  # fmt: skip
+
+    monkeypatch.setattr(benchmark, "run_in_subprocess", converges)
+    assert accuracy.main([*argv, f"--continue_from={runs[1]}", f"--out={runs[2]}"]) == 0
+    record = json.loads((runs[2] / "SASRec-1.json").read_text())
+    # Epochs 0-1 of the first run, 2-3 of the second, 4-5 of the third; the three runs' time adds up.
+    assert record["valid_history"] == [0.1, 0.3, 0.25, 0.4, 0.38, 0.39] and record["best_epoch"] == 3
+    assert record["train_seconds"] == 170.0 and record["best_valid_result"] == {"ndcg@10": 0.4}
+    assert "progress_file" not in record and not (runs[2] / "SASRec-1.progress.json").exists()
+    assert (runs[0] / "SASRec-1.progress.json").is_file() and (runs[1] / "SASRec-1.progress.json").is_file()
 
 
 def test_a_continued_point_without_a_better_epoch_keeps_its_checkpoint_results():
