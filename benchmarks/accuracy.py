@@ -15,16 +15,17 @@ process, through the same entry, split and evaluation as a user's run. Writes ``
 (config, epochs, what stopped it, wall time, valid history, test metrics, test and valid metrics of every
 nesting size) and ``<out>/summary.json`` + ``summary.md`` (the best-on-valid point of each variant, beside the
 paper's, and its sizes, with the one that a second selection on valid N@10 would serve).
-``--out`` defaults to the git-ignored ``benchmarks/runs/accuracy-<UTC time>``. ``--continue_from=DIR``
-trains the points that DIR's run stopped by its budget on from their best checkpoint (RecBole's resume) for
+``--out`` defaults to the git-ignored ``benchmarks/runs/accuracy-<UTC time>``. ``--continue_from=DIR`` trains
+the points that DIR's run stopped by its budget on from their best checkpoint (RecBole's resume) for
 ``--budget`` more minutes, writing the joined record (both runs' epochs and time) to ``--out``; points that
 had converged are copied as they were. Each point also keeps ``<variant>-<k>.progress.json`` while it trains
-(its record after every validated epoch), so a point whose process is killed (a machine or session that
-ends) continues from its last saved best epoch the same way. ``--profile=paper`` trains the fMRLRec variants with the paper's GPU
-defaults (``model/fMRLRec.yaml``: D=1024, 8 sizes, lr 1e-4, batch 32) and their grid around them, instead of
-the CPU profile (``profiles/fMRLRec-cpu.yaml``: D=256, batch 64) and its grid; the other models are the same
-under both. ``--seed`` sets RecBole's ``seed`` (initialisation, shuffling, dropout; RecBole's 2020 when not
-given) for every point: the same point under other seeds shows how far its metrics move from run to run.
+(its record after every validated epoch), so a point whose process is killed (a machine or session that ends)
+continues from its last saved best epoch the same way. ``--profile=paper`` trains the fMRLRec variants with
+the paper's GPU defaults (``model/fMRLRec.yaml``: D=1024, 8 sizes, lr 1e-4, batch 32) and their grid around
+them, instead of the CPU profile (``profiles/fMRLRec-cpu.yaml``: D=256, batch 64) and its grid; the other
+models are the same under both. ``--seed`` sets RecBole's ``seed`` (initialisation, shuffling, dropout;
+RecBole's 2020 when not given) for every point: the same point under other seeds shows how far its metrics
+move from run to run.
 """
 
 from __future__ import annotations
@@ -437,9 +438,9 @@ def main(argv: list[str] | None = None) -> int:
             if progress.is_file():  # a killed point: training it from the start would throw its epochs away
                 epochs = json.loads(progress.read_text()).get("epochs")
                 parser.error(
-                    f"--out={out}: {variant} point {k} was interrupted after {epochs} epochs ({progress.name}); "
-                    f"continue it with --continue_from={out} and a new --out, or delete {progress.name} to "
-                    "train it from the start"
+                    f"--out={out}: {variant} point {k} was interrupted after {epochs} epochs "
+                    f"({progress.name}); continue it with --continue_from={out} and a new --out, or delete "
+                    f"{progress.name} to train it from the start"
                 )
             earlier, earlier_file = None, None
             if source is not None:

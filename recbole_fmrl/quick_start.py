@@ -116,7 +116,7 @@ def run_recbole_fmrl(
 
 
 def _reporting(clock: TrainingClock, trainer, config, on_epoch: Callable[[dict], None]):
-    """``fit``'s callback: the clock, then ``on_epoch`` with the record so far (also when the budget stops it)."""
+    """``fit``'s callback: the clock, then ``on_epoch`` with the record so far, budget spent or not."""
 
     def callback(epoch_idx: int, valid_score: float) -> None:
         try:
