@@ -16,11 +16,13 @@ process, through the same entry, split and evaluation as a user's run. Writes ``
 nesting size) and ``<out>/summary.json`` + ``summary.md`` (the best-on-valid point of each variant, beside the
 paper's, and its sizes, with the one that a second selection on valid N@10 would serve).
 ``--out`` defaults to the git-ignored ``benchmarks/runs/accuracy-<UTC time>``. ``--continue_from=DIR`` trains
-the points that DIR's run stopped by its budget on from their best checkpoint (RecBole's resume) for
+the points that DIR's run stopped by its budget on from their last validated epoch (the checkpoint saved
+beside the best one: ``save_last_checkpoint``; RecBole's resume, with its early-stopping count) for
 ``--budget`` more minutes, writing the joined record (both runs' epochs and time) to ``--out``; points that
 had converged are copied as they were. Each point also keeps ``<variant>-<k>.progress.json`` while it trains
 (its record after every validated epoch), so a point whose process is killed (a machine or session that ends)
-continues from its last saved best epoch the same way. ``--profile=paper`` trains the fMRLRec variants with
+continues from its last validated epoch the same way. Runs from before the last epoch was saved continue
+from their best checkpoint, and train the epochs after it again. ``--profile=paper`` trains the fMRLRec variants with
 the paper's GPU defaults (``model/fMRLRec.yaml``: D=1024, 8 sizes, lr 1e-4, batch 32) and their grid around
 them, instead of the CPU profile (``profiles/fMRLRec-cpu.yaml``: D=256, batch 64) and its grid; the other
 models are the same under both. ``--seed`` sets RecBole's ``seed`` (initialisation, shuffling, dropout;
@@ -187,6 +189,7 @@ def _spec(args, variant: str, k: int, point: dict, out: Path) -> dict:
         "time_budget": args.budget,
         "valid_metric": "NDCG@10",
         "checkpoint_dir": str(_checkpoint_dir(out, variant, k)),
+        "save_last_checkpoint": True,  # what --continue_from trains on from, beside the best checkpoint
         "log_wandb": False,
         **({"device_profile": "paper"} if args.profile == "paper" and model == "fMRLRec" else {}),
         **({"seed": args.seed} if args.seed is not None else {}),
@@ -307,26 +310,44 @@ def _same_seed(parser: argparse.ArgumentParser, args, where: str, record: dict) 
 
 
 def _resume_spec(earlier: dict, out: Path) -> dict:
-    """Train on from a copy of the earlier run's best checkpoint, so that run's files stay as they were."""
-    checkpoint = Path(earlier["saved_model_file"])
-    if not checkpoint.is_absolute():
-        checkpoint = ROOT / checkpoint
+    """Train on from copies of the earlier run's checkpoints, so that run's files stay as they were.
+
+    From its last validated epoch when the run kept one (``save_last_checkpoint``), with the best one beside
+    it to test; else (runs from before it was kept) from the best epoch, training the epochs after it again.
+    """
+    folder = _checkpoint_dir(out, earlier["variant"], earlier["point"])
+    best = _copied(earlier, earlier["saved_model_file"], folder)
+    last = earlier.get("last_checkpoint_file")
+    if last and _absolute(last).is_file():
+        return {
+            "resume_file": str(_copied(earlier, last, folder)),
+            "trust_resume_file": True,
+            "resumed_after_epoch": earlier["epochs"] - 1,
+        }
+    return {"resume_file": str(best), "trust_resume_file": True, "resumed_after_epoch": earlier["best_epoch"]}
+
+
+def _absolute(path: str) -> Path:
+    return Path(path) if Path(path).is_absolute() else ROOT / path
+
+
+def _copied(earlier: dict, path: str, folder: Path) -> Path:
+    checkpoint = _absolute(path)
     if not checkpoint.is_file():
         raise SystemExit(
             f"{earlier['variant']} point {earlier['point']}: its checkpoint {checkpoint} is gone"
         )
-    folder = _checkpoint_dir(out, earlier["variant"], earlier["point"])
-    copy = atomic_write(folder / checkpoint.name, lambda tmp: shutil.copyfile(checkpoint, tmp))
-    return {"resume_file": str(copy), "trust_resume_file": True}
+    return atomic_write(folder / checkpoint.name, lambda tmp: shutil.copyfile(checkpoint, tmp))
 
 
 def continued_result(earlier: dict, later: dict) -> dict:
     """One point's record over both runs: the history up to the checkpoint it resumed from, then the new one.
 
-    RecBole saves the best epoch only, so the epochs the first run spent after it are trained again (their
-    time stays counted in ``train_seconds``, which is the total of both runs).
+    A run resumed from the best checkpoint (one from before the last epoch's was kept) trains the epochs the
+    first run spent after it again: their time stays counted in ``train_seconds``, the total of both runs.
     """
-    kept = earlier["valid_history"][: earlier["best_epoch"] + 1]
+    resumed = later.get("resumed_after_epoch", earlier["best_epoch"])
+    kept = earlier["valid_history"][: resumed + 1]
     history = kept + later["valid_history"]
     merged = {
         **later,
@@ -335,7 +356,7 @@ def continued_result(earlier: dict, later: dict) -> dict:
         "train_seconds": round(earlier["train_seconds"] + later["train_seconds"], 3),
         "wall_seconds": round(earlier["wall_seconds"] + later["wall_seconds"], 1),
         "continued": {
-            "resumed_after_epoch": earlier["best_epoch"],
+            "resumed_after_epoch": resumed,
             "first_run": {k: earlier[k] for k in ("epochs", "stopped_by", "train_seconds", "config")},
         },
     }
@@ -395,8 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--continue_from",
         default=None,
-        help="a finished run's folder: its budget-stopped points train on from their best checkpoint, which "
-        "this harness saved there and which is loaded as trusted (pickled), for --budget more minutes",
+        help="a finished run's folder: its budget-stopped points train on from their last validated epoch's "
+        "checkpoint, which this harness saved there and which is loaded as trusted (pickled), for --budget "
+        "more minutes",
     )
     parser.add_argument(
         "--profile",

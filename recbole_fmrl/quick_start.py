@@ -6,6 +6,7 @@ Built-in RecBole models run through the same function, data and split, which is 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -15,11 +16,13 @@ from recbole.data import create_dataset, data_preparation
 from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
+from recbole_fmrl import compat
 from recbole_fmrl.cli import config_from_cli, parser, run_cli
 from recbole_fmrl.config import Config
 from recbole_fmrl.data.atomic import check_atomic_files
 from recbole_fmrl.errors import ConfigError
 from recbole_fmrl.evaluation import format_table, report_all_sizes
+from recbole_fmrl.fileio import atomic_write
 from recbole_fmrl.model.abstract_recommender import speaks_matryoshka
 from recbole_fmrl.submodel.checkpoint import check_fits, read_checkpoint
 from recbole_fmrl.utils import get_model, get_trainer
@@ -42,6 +45,8 @@ def run_recbole_fmrl(
     ``resume_file``: a checkpoint RecBole's trainer saved for this model; training continues from its epoch,
     weights, optimizer state and early-stopping count (RecBole's ``resume_checkpoint``), and the best model
     it finds is saved over that file. It is pickled, so it loads only with ``trust`` (or when trusted).
+    A ``<checkpoint>-last.pth`` (config ``save_last_checkpoint``) trains on from the last validated epoch
+    instead, and the best model found is saved over, and tested from, ``<checkpoint>.pth`` beside it.
     ``on_epoch``: called after each validated epoch, once its checkpoint is saved, with the training record so
     far (``TrainingClock.progress``), so a run killed later can be continued from it instead of lost.
     """
@@ -72,8 +77,11 @@ def run_recbole_fmrl(
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     if resume_file is not None:
         _resume(trainer, config, resume_file, trust)
+    last_file = last_checkpoint_file(trainer.saved_model_file) if saved and _keeps_last(config) else None
     clock = TrainingClock(config["time_budget"])
-    callback = clock if on_epoch is None else _reporting(clock, trainer, config, on_epoch)
+    callback = clock if on_epoch is None else _reporting(clock, trainer, config, on_epoch, last_file)
+    if last_file is not None:
+        callback = _keeping_last(trainer, last_file, callback)
     try:
         trainer.fit(
             train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=callback
@@ -108,6 +116,7 @@ def run_recbole_fmrl(
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "saved_model_file": trainer.saved_model_file if saved else None,
+        "last_checkpoint_file": last_file,
         "params": sum(p.numel() for p in model.parameters()),
         **clock.summary(trainer, config),
         **sized,
@@ -115,14 +124,51 @@ def run_recbole_fmrl(
     return result
 
 
-def _reporting(clock: TrainingClock, trainer, config, on_epoch: Callable[[dict], None]):
+def _reporting(
+    clock: TrainingClock, trainer, config, on_epoch: Callable[[dict], None], last_file: str | None
+):
     """``fit``'s callback: the clock, then ``on_epoch`` with the record so far, budget spent or not."""
 
     def callback(epoch_idx: int, valid_score: float) -> None:
         try:
             clock(epoch_idx, valid_score)
         finally:
-            on_epoch(clock.progress(trainer, config))
+            on_epoch({**clock.progress(trainer, config), "last_checkpoint_file": last_file})
+
+    return callback
+
+
+LAST_SUFFIX = "-last.pth"
+
+
+def last_checkpoint_file(best_file: str) -> str:
+    """Where ``save_last_checkpoint`` keeps the last validated epoch: beside the best one, named after it."""
+    return (best_file[: -len(".pth")] if best_file.endswith(".pth") else best_file) + LAST_SUFFIX
+
+
+def _keeps_last(config) -> bool:
+    keep = config["save_last_checkpoint"]
+    if keep is not None and not isinstance(keep, bool):
+        raise ConfigError(f"save_last_checkpoint={keep!r} must be True or False.")
+    return bool(keep)
+
+
+def _keeping_last(trainer, last_file: str, then: Callable[[int, float], None]):
+    """``fit``'s callback, first saving the epoch just validated (RecBole saves only the best one).
+
+    The file has what ``resume_checkpoint`` reads, with the early-stopping count and best score after this
+    epoch, so a resumed run goes on exactly where this one stopped. Written atomically: a run killed while
+    saving keeps the previous epoch's file, never half of one.
+    """
+
+    def callback(epoch_idx: int, valid_score: float) -> None:
+        atomic_write(
+            last_file,
+            lambda tmp: trainer._save_checkpoint(epoch_idx, verbose=False, saved_model_file=tmp),
+            suffix=".pth",
+        )
+        compat.trust_checkpoint(last_file)  # this process wrote it
+        then(epoch_idx, valid_score)
 
     return callback
 
@@ -218,18 +264,36 @@ def _resume(trainer, config, resume_file: str, trust: bool) -> None:
     The file is read twice (here, then by RecBole), once per run: cheaper to keep than a copy of RecBole's
     resume logic.
     """
+    resume_file = str(resume_file)
     checkpoint, portable = read_checkpoint(resume_file, trust)
     if portable:
         raise ConfigError(
             f"{resume_file} is an exported sub-model, which keeps no optimizer state: resume from the .pth "
             "file the trainer saved in checkpoint_dir."
         )
+    _same_model(resume_file, checkpoint, config)
+    best_file = None
+    if resume_file.endswith(LAST_SUFFIX):  # the last epoch's: the best model is kept, and tested, beside it
+        best_file = resume_file[: -len(LAST_SUFFIX)] + ".pth"
+        if not os.path.isfile(best_file):
+            raise ConfigError(
+                f"{resume_file} is a last-epoch checkpoint, and the best model it goes with, {best_file}, is "
+                f"missing: put it back beside it, or resume from a best checkpoint (training goes on from its "
+                "epoch)."
+            )
+        best, _ = read_checkpoint(best_file, trust or compat.is_trusted(resume_file))
+        _same_model(best_file, best, config)
+    trainer.resume_checkpoint(resume_file)
+    if best_file is not None:
+        trainer.saved_model_file = best_file  # RecBole's resume pointed it at the resumed file
+
+
+def _same_model(path: str, checkpoint: dict, config) -> None:
     saved_model = checkpoint["config"]["model"]
     if str(saved_model).lower() != str(config["model"]).lower():
         raise ConfigError(
-            f"{resume_file} is a {saved_model} checkpoint, not {config['model']}: resume with --model={saved_model}."
+            f"{path} is a {saved_model} checkpoint, not {config['model']}: resume with --model={saved_model}."
         )
-    trainer.resume_checkpoint(resume_file)
 
 
 def _full_ranking(test_data, logger) -> bool:

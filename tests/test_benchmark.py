@@ -238,10 +238,26 @@ def test_accuracy_points_of_one_model_save_and_resume_in_their_own_folders(tmp_p
     earlier = tmp_path / "earlier.pth"
     earlier.write_bytes(b"checkpoint")
     resumed = accuracy._resume_spec(
-        {"variant": "SASRec", "point": 5, "saved_model_file": str(earlier)}, tmp_path
+        {"variant": "SASRec", "point": 5, "saved_model_file": str(earlier), "best_epoch": 2}, tmp_path
     )
     assert Path(resumed["resume_file"]) == Path(folders[5]) / "earlier.pth"
     assert Path(resumed["resume_file"]).read_bytes() == b"checkpoint"
+    assert resumed["resumed_after_epoch"] == 2
+    # A run that kept its last epoch trains on from there; the best checkpoint is copied beside it, for the test.
+    last = tmp_path / "earlier-last.pth"
+    last.write_bytes(b"last epoch")
+    resumed = accuracy._resume_spec(
+        {"variant": "SASRec", "point": 5, "saved_model_file": str(earlier), "last_checkpoint_file": str(last),
+         "epochs": 6, "best_epoch": 2},
+        tmp_path,
+    )  # fmt: skip
+    assert Path(resumed["resume_file"]) == Path(folders[5]) / "earlier-last.pth"
+    assert Path(resumed["resume_file"]).read_bytes() == b"last epoch"
+    assert (Path(folders[5]) / "earlier.pth").read_bytes() == b"checkpoint"
+    assert (
+        resumed["resumed_after_epoch"] == 5
+        and accuracy._spec(args, "SASRec", 5, grid[5], tmp_path)["config"]["save_last_checkpoint"]
+    )
 
 
 def test_accuracy_script_picks_grid_points_per_variant(tmp_path, monkeypatch, capsys):
@@ -649,3 +665,21 @@ def test_compiled_softmax_times_aten_and_inductor_on_the_same_scores(monkeypatch
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: no_compiler)
     out = run.bench_compiled_softmax(SimpleNamespace(repeats=1))
     assert "C++ compiler" in out["unavailable"] and out["ms"] == {}
+
+
+def test_a_point_continued_from_its_last_epoch_keeps_every_epoch_once():
+    from benchmarks.accuracy import continued_result
+
+    earlier = {
+        "valid_history": [0.1, 0.3, 0.2, 0.25], "best_epoch": 1, "train_seconds": 10.0, "wall_seconds": 11.0,
+        "epochs": 4, "stopped_by": "time_budget", "config": {}, "best_valid_score": 0.3,
+        "best_valid_result": {"ndcg@10": 0.3},
+    }  # fmt: skip
+    later = {
+        "valid_history": [0.35, 0.28], "best_epoch": 4, "train_seconds": 5.0, "wall_seconds": 6.0,
+        "best_valid_score": 0.35, "best_valid_result": {"ndcg@10": 0.35}, "resumed_after_epoch": 3,
+    }  # fmt: skip
+    merged = continued_result(earlier, later)
+    # Epochs 2 and 3 were not trained again: the history has every epoch once, in order.
+    assert merged["valid_history"] == [0.1, 0.3, 0.2, 0.25, 0.35, 0.28] and merged["best_epoch"] == 4
+    assert merged["continued"]["resumed_after_epoch"] == 3 and merged["train_seconds"] == 15.0

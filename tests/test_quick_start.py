@@ -136,3 +136,54 @@ def test_resume_file_trains_on_from_a_checkpoint_and_refuses_the_wrong_ones(in_t
     # Nothing left to train (its epochs are done): the checkpoint's valid results are still reported.
     done = resume(1)
     assert done["valid_history"] == [] and done["best_valid_result"]["ndcg@10"] >= 0
+
+
+def test_a_last_epoch_checkpoint_resumes_where_training_stopped_and_tests_the_best_model(in_tmp):
+    import shutil
+
+    import torch
+
+    from recbole_fmrl.errors import ConfigError
+    from recbole_fmrl.quick_start import last_checkpoint_file
+
+    config = {**FAST, "checkpoint_dir": str(in_tmp / "saved"), "epochs": 4, "save_last_checkpoint": True}
+    first = run_recbole_fmrl("BPR", "mm-sample", config_dict=config, cli_args=[])
+    best_file, last_file = first["saved_model_file"], first["last_checkpoint_file"]
+    assert last_file == last_checkpoint_file(best_file) and last_file.endswith("-last.pth")
+    last = torch.load(last_file, weights_only=False)
+    best = torch.load(best_file, weights_only=False)
+    # The last validated epoch with RecBole's early-stopping count after it; the best file has the best epoch.
+    assert last["epoch"] == 3 and best["epoch"] == first["best_epoch"]
+    assert (
+        last["cur_step"] == 3 - first["best_epoch"] and last["best_valid_score"] == first["best_valid_score"]
+    )
+    best_bytes = open(best_file, "rb").read()
+
+    later = run_recbole_fmrl(
+        "BPR", "mm-sample", config_dict={**config, "epochs": 6}, cli_args=[], resume_file=last_file
+    )
+    # Epochs 4 and 5 are the ones trained now (from the last epoch, not again from the best one); the best
+    # model found is saved over, and tested from, the best file, and the last file moves on.
+    assert later["epochs"] == 6 and len(later["valid_history"]) == 2
+    assert later["saved_model_file"] == best_file and later["last_checkpoint_file"] == last_file
+    assert torch.load(last_file, weights_only=False)["epoch"] == 5
+    # The best score so far came with the checkpoint; no better (or tied) epoch leaves the best file alone.
+    assert later["best_valid_score"] == max(first["best_valid_score"], *later["valid_history"])
+    if max(later["valid_history"]) < first["best_valid_score"]:
+        assert open(best_file, "rb").read() == best_bytes
+    assert later["best_valid_result"]["ndcg@10"] >= 0 and later["test_result"]["ndcg@10"] >= 0
+
+    alone = in_tmp / "alone"
+    alone.mkdir()
+    shutil.copyfile(last_file, alone / Path(last_file).name)
+    with pytest.raises(
+        ConfigError, match="the best model it goes with, .* is missing: put it back beside it"
+    ):
+        run_recbole_fmrl(
+            "BPR", "mm-sample", config_dict=config, cli_args=[], resume_file=str(alone / Path(last_file).name),
+            trust=True,
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match="save_last_checkpoint='yes' must be True or False"):
+        run_recbole_fmrl(
+            "BPR", "mm-sample", config_dict={**config, "save_last_checkpoint": "yes"}, cli_args=[]
+        )
