@@ -683,3 +683,55 @@ def test_a_point_continued_from_its_last_epoch_keeps_every_epoch_once():
     # Epochs 2 and 3 were not trained again: the history has every epoch once, in order.
     assert merged["valid_history"] == [0.1, 0.3, 0.2, 0.25, 0.35, 0.28] and merged["best_epoch"] == 4
     assert merged["continued"]["resumed_after_epoch"] == 3 and merged["train_seconds"] == 15.0
+
+
+def test_accuracy_a_killed_point_with_its_last_epoch_saved_continues_from_that_epoch(tmp_path, monkeypatch):
+    from benchmarks import accuracy
+
+    runs = [tmp_path / name for name in ("first", "second", "third")]
+    asked: list[dict] = []
+
+    def killed_after(history, epochs, best, seconds):
+        def run(spec, cwd=None):
+            folder = Path(spec["progress_file"]).parent / "saved"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "run.pth").write_bytes(b"best")
+            (folder / "run-last.pth").write_bytes(f"epoch {epochs - 1}".encode())
+            record = {
+                **spec, "valid_history": history, "epochs": epochs, "best_epoch": best,
+                "stopped_by": "interrupted", "train_seconds": seconds, "wall_seconds": seconds + 1,
+                "best_valid_score": 0.4, "best_valid_result": {"ndcg@10": 0.4},
+                "saved_model_file": str(folder / "run.pth"), "last_checkpoint_file": str(folder / "run-last.pth"),
+            }  # fmt: skip
+            Path(spec["progress_file"]).write_text(json.dumps(record))
+            asked.append(spec)
+            return {"error": "Killed", "stderr": "Killed"}
+
+        return run
+
+    argv = ["--variants=SASRec", "--grid_points=1"]
+    monkeypatch.setattr(benchmark, "run_in_subprocess", killed_after([0.1, 0.4, 0.2], 3, 1, 100.0))
+    assert accuracy.main([*argv, f"--out={runs[0]}"]) == 1
+    assert asked[-1]["config"]["save_last_checkpoint"] is True
+    monkeypatch.setattr(benchmark, "run_in_subprocess", killed_after([0.3, 0.35], 5, 1, 50.0))
+    assert accuracy.main([*argv, f"--continue_from={runs[0]}", f"--out={runs[1]}"]) == 1
+    # From the last epoch (2), not the best (1); the best checkpoint is copied beside it, to be tested.
+    resumed = Path(asked[-1]["resume_file"])
+    assert resumed.name == "run-last.pth" and resumed.read_bytes() == b"epoch 2"
+    assert (resumed.parent / "run.pth").read_bytes() == b"best" and asked[-1]["resumed_after_epoch"] == 2
+
+    def converges(spec, cwd=None):
+        asked.append(spec)
+        return {
+            "valid_history": [0.38], "epochs": 6, "best_epoch": 1, "stopped_by": "early_stopping",
+            "train_seconds": 20.0, "wall_seconds": 21.0, "best_valid_score": 0.4, "best_valid_result": None,
+            "test_result": {"ndcg@10": 0.02, "recall@10": 0.04}, "saved_model_file": spec["resume_file"],
+        }  # fmt: skip
+
+    monkeypatch.setattr(benchmark, "run_in_subprocess", converges)
+    assert accuracy.main([*argv, f"--continue_from={runs[1]}", f"--out={runs[2]}"]) == 0
+    assert Path(asked[-1]["resume_file"]).read_bytes() == b"epoch 4" and asked[-1]["resumed_after_epoch"] == 4
+    record = json.loads((runs[2] / "SASRec-1.json").read_text())
+    # Every epoch once: 0-2 of the first run, 3-4 of the second, 5 of the third; no time counted twice.
+    assert record["valid_history"] == [0.1, 0.4, 0.2, 0.3, 0.35, 0.38] and record["best_epoch"] == 1
+    assert record["train_seconds"] == 170.0 and record["best_valid_result"] == {"ndcg@10": 0.4}
