@@ -22,12 +22,12 @@ beside the best one: ``save_last_checkpoint``; RecBole's resume, with its early-
 had converged are copied as they were. Each point also keeps ``<variant>-<k>.progress.json`` while it trains
 (its record after every validated epoch), so a point whose process is killed (a machine or session that ends)
 continues from its last validated epoch the same way. Runs from before the last epoch was saved continue
-from their best checkpoint, and train the epochs after it again. ``--profile=paper`` trains the fMRLRec variants with
-the paper's GPU defaults (``model/fMRLRec.yaml``: D=1024, 8 sizes, lr 1e-4, batch 32) and their grid around
-them, instead of the CPU profile (``profiles/fMRLRec-cpu.yaml``: D=256, batch 64) and its grid; the other
-models are the same under both. ``--seed`` sets RecBole's ``seed`` (initialisation, shuffling, dropout;
-RecBole's 2020 when not given) for every point: the same point under other seeds shows how far its metrics
-move from run to run.
+from their best checkpoint, and train the epochs after it again. ``--profile=paper`` trains the fMRLRec
+variants with the paper's GPU defaults (``model/fMRLRec.yaml``: D=1024, 8 sizes, lr 1e-4, batch 32) and their
+grid around them, instead of the CPU profile (``profiles/fMRLRec-cpu.yaml``: D=256, batch 64) and its grid;
+the other models are the same under both. ``--seed`` sets RecBole's ``seed`` (initialisation, shuffling,
+dropout; RecBole's 2020 when not given) for every point: the same point under other seeds shows how far its
+metrics move from run to run.
 """
 
 from __future__ import annotations

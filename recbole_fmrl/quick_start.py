@@ -278,7 +278,7 @@ def _resume(trainer, config, resume_file: str, trust: bool) -> None:
         if not os.path.isfile(best_file):
             raise ConfigError(
                 f"{resume_file} is a last-epoch checkpoint, and the best model it goes with, {best_file}, is "
-                f"missing: put it back beside it, or resume from a best checkpoint (training goes on from its "
+                "missing: put it back beside it, or resume from a best checkpoint (training goes on from its "
                 "epoch)."
             )
         best, _ = read_checkpoint(best_file, trust or compat.is_trusted(resume_file))
