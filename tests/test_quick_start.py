@@ -141,17 +141,16 @@ def test_resume_file_trains_on_from_a_checkpoint_and_refuses_the_wrong_ones(in_t
 def test_a_last_epoch_checkpoint_resumes_where_training_stopped_and_tests_the_best_model(in_tmp):
     import shutil
 
-    import torch
-
     from recbole_fmrl.errors import ConfigError
     from recbole_fmrl.quick_start import last_checkpoint_file
+    from recbole_fmrl.submodel.checkpoint import read_checkpoint
 
     config = {**FAST, "checkpoint_dir": str(in_tmp / "saved"), "epochs": 4, "save_last_checkpoint": True}
     first = run_recbole_fmrl("BPR", "mm-sample", config_dict=config, cli_args=[])
     best_file, last_file = first["saved_model_file"], first["last_checkpoint_file"]
     assert last_file == last_checkpoint_file(best_file) and last_file.endswith("-last.pth")
-    last = torch.load(last_file, weights_only=False)
-    best = torch.load(best_file, weights_only=False)
+    last = read_checkpoint(last_file)[0]
+    best = read_checkpoint(best_file)[0]
     # The last validated epoch with RecBole's early-stopping count after it; the best file has the best epoch.
     assert last["epoch"] == 3 and best["epoch"] == first["best_epoch"]
     assert (
@@ -166,7 +165,7 @@ def test_a_last_epoch_checkpoint_resumes_where_training_stopped_and_tests_the_be
     # model found is saved over, and tested from, the best file, and the last file moves on.
     assert later["epochs"] == 6 and len(later["valid_history"]) == 2
     assert later["saved_model_file"] == best_file and later["last_checkpoint_file"] == last_file
-    assert torch.load(last_file, weights_only=False)["epoch"] == 5
+    assert read_checkpoint(last_file)[0]["epoch"] == 5
     # The best score so far came with the checkpoint; no better (or tied) epoch leaves the best file alone.
     assert later["best_valid_score"] == max(first["best_valid_score"], *later["valid_history"])
     if max(later["valid_history"]) < first["best_valid_score"]:
