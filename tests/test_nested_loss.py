@@ -36,8 +36,9 @@ def problems(draw):
     chunk = draw(st.sampled_from([None, 1, 3, 7, 64]))
     # Blocks narrower than this take the narrow path: 1 = none, 25 = every block (sizes here are <= 24).
     narrow = draw(st.sampled_from([1, 8, NARROW_COLUMNS, 25]))
-    # Leading blocks up to this many columns take their forward sub_rows rows at a time: 0 = none, 24 = all.
-    sub = draw(st.tuples(st.sampled_from([0, 4, 12, 24]), st.sampled_from([1, 3, SUB_ROWS])))
+    # Rows per sub-chunk (0 = whole chunks, as on a GPU), and the leading blocks up to this many columns take
+    # their GEMMs on those rows: 0 = none (all on whole chunks), 24 = all.
+    sub = draw(st.tuples(st.sampled_from([0, 4, 12, 24]), st.sampled_from([0, 1, 3, SUB_ROWS])))
     # The other blocks at least this many columns wide take their forward this many items at a time: 0 or
     # at least the number of items = one GEMM.
     tile = draw(st.tuples(st.sampled_from([1, 4, 25]), st.sampled_from([0, 1, 4, ITEM_TILE])))

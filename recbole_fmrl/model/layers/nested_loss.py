@@ -6,7 +6,8 @@ and lets autograd keep them all, with a full-size zero gradient for each size's 
 size k are size k-1's plus one block's partial product, and the gradient of block j is
 ``H_j = sum_{k >= j} w_k (softmax_k - onehot)`` times that block of the other operand, so every logit GEMM
 is done once (forward, d-query and d-items: three full-size GEMMs in all) and no K-fold logit tensor lives
-past its chunk.
+past its chunk. On a CPU each chunk's softmaxes are taken a few rows at a time, and those rows' sums H_k are
+built right after, in place of the softmaxes, while they are still in cache.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.nn import functional as F
 
 from recbole_fmrl.model.layers.matryoshka import MatryoshkaSizeError, iter_nested_scores
 
-CHUNK_BYTES = 128 * 2**20  # scratch of the fused loss: (K + 1) score/probability buffers of [chunk, items]
+CHUNK_BYTES = 128 * 2**20  # scratch of the fused loss: (K + 1) buffers of [chunk, items] at most
 MIN_CHUNK, MAX_CHUNK = 16, 1024
 # Item matrices up to this size are transposed once for faster forward GEMMs. Above it the copy costs more
 # than it saves: at D=1024 on 12,101 items (50 MB) the step was as fast or faster without it (interleaved
@@ -32,13 +33,16 @@ TRANSPOSE_BYTES = 16 * 2**20
 # first (one and two threads); blocks of 16 or 32 columns are no faster that way, and on two threads slower
 # (``python -m benchmarks.run --only narrow_grads``).
 NARROW_COLUMNS = 16
-# The leading blocks up to this many columns (sizes 8 to 256: all of the CPU profile's, the first six of the
-# paper's) take their forward a few rows at a time: SUB_ROWS rows of scores (3 MiB on 12,101 items) stay in
-# cache through these blocks' GEMMs and softmaxes, where a whole chunk's scores would go to memory and back
-# once per block. The narrow blocks do little GEMM work, so those passes are most of their cost. Their
-# gradients keep whole chunks: in ad-hoc one-thread trials the sub-chunked d-items products, which re-read
-# their accumulators once per sub-chunk, were slower. CPU only: on a GPU the sub-chunks would only add kernel
-# launches. Measured: ``python -m benchmarks.run --only loss_alone`` (``benchmarks/MEASURED.md``).
+# On a CPU every chunk's scores, softmaxes and gradient sums H_k are taken SUB_ROWS rows at a time: that
+# many rows of scores (3 MiB on 12,101 items) stay in cache through the sizes' softmaxes, and each size's
+# softmax is still in cache when the sums H_k are built over it, in its place (where whole chunks sent every
+# softmax to memory and read it back to build H). The leading blocks up to SUB_COLUMNS columns (sizes 8 to
+# 256: all of the CPU profile's, the first six of the paper's) also take their GEMMs on those rows; the
+# blocks past them take theirs on whole chunks, into their size's buffer, which each sub-chunk adds to its
+# scores. The gradient GEMMs keep whole chunks: in ad-hoc one-thread trials the sub-chunked d-items
+# products, which re-read their accumulators once per sub-chunk, were slower. On a GPU a chunk is one
+# sub-chunk (more would only add kernel launches). Measured: ``python -m benchmarks.run --only
+# loss_alone,nested_loss`` (``benchmarks/MEASURED.md``).
 SUB_COLUMNS = 256
 SUB_ROWS = 64
 # Blocks past those and at least TILE_COLUMNS wide (the paper's 256- and 512-column ones) take their forward
@@ -125,28 +129,37 @@ def _target_nll(scores: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, t
     return nll.sum()
 
 
-def _forward_blocks(q, items_t, s, probs, targets, blocks, scales, first=0, narrow=None, tile=0):
-    """Adds blocks ``first:`` of the scores into ``s`` (block ``first`` continues from the scores ``s``
-    holds), one size at a time: its softmax into ``probs[k]``, and returns the weighted sum of the sizes'
-    target NLLs. ``narrow``: (query columns, item rows) of the narrow blocks, as contiguous copies.
-    ``tile``: items per GEMM of the blocks at least ``TILE_COLUMNS`` wide (0: all at once)."""
-    q_cols, item_rows = narrow or ({}, {})
+def _forward_blocks(q, items_t, s, probs, targets, blocks, scales, products=None):
+    """Adds each block's partial product into the scores ``s``, one size at a time, its softmax into
+    ``probs[k]``, and returns the weighted sum of the sizes' target NLLs. ``products``: the first block
+    that takes its product from ``probs[k]`` (``_block_products``) instead of a GEMM here (None: none)."""
     rows = torch.arange(s.size(0), device=s.device)
     total = s.new_zeros(())
-    for k in range(first, len(blocks)):
-        a, b = blocks[k]
-        q_k, e_k = (q_cols[k], item_rows[k]) if k in q_cols else (q[:, a:b], items_t[a:b])
-        if tile and b - a >= TILE_COLUMNS and k not in q_cols:
-            for n0 in range(0, s.size(1), tile):
-                s[:, n0 : n0 + tile].addmm_(q_k, e_k[:, n0 : n0 + tile], beta=0 if k == 0 else 1)
+    for k, (a, b) in enumerate(blocks):
+        if products is not None and k >= products:
+            s.copy_(probs[k]) if k == 0 else s.add_(probs[k])
         elif k == 0:
-            torch.mm(q_k, e_k, out=s)
+            torch.mm(q[:, a:b], items_t[a:b], out=s)
         else:
-            s.addmm_(q_k, e_k)
+            s.addmm_(q[:, a:b], items_t[a:b])
         if scales[k] != 0:
             torch._softmax(s, 1, False, out=probs[k])
             total += scales[k] * _target_nll(s, probs[k], rows, targets)
     return total
+
+
+def _block_products(q, items_t, out, blocks, narrow, tile):
+    """Each block's partial product ``q[:, a:b] @ items[:, a:b].T`` over a whole chunk into ``out[k]``.
+    ``narrow``: (query columns, item rows) of the narrow blocks, as contiguous copies. ``tile``: items per
+    GEMM of the blocks at least ``TILE_COLUMNS`` wide (0: all at once)."""
+    q_cols, item_rows = narrow
+    for k, (a, b) in blocks:
+        q_k, e_k = (q_cols[k], item_rows[k]) if k in q_cols else (q[:, a:b], items_t[a:b])
+        if tile and b - a >= TILE_COLUMNS and k not in q_cols:
+            for n0 in range(0, out.size(2), tile):
+                torch.mm(q_k, e_k[:, n0 : n0 + tile], out=out[k, :, n0 : n0 + tile])
+        else:
+            torch.mm(q_k, e_k, out=out[k])
 
 
 def _transposed(x: torch.Tensor) -> torch.Tensor:
@@ -182,8 +195,10 @@ class _NestedCrossEntropy(torch.autograd.Function):
         unreached = [(a, b) for k, (a, b) in enumerate(blocks) if not any(scales[k:])]
         grad_q = _empty_but(query, unreached) if want_q else None
         grad_e = _empty_but(items, unreached) if want_e else None
-        scores = query.new_empty(chunk, n_items)
-        probs = query.new_empty(len(sizes), chunk, n_items)  # softmax of each size, kept for the gradients
+        on_cpu = query.device.type == "cpu"
+        sub_rows = min(chunk, SUB_ROWS) if on_cpu and SUB_ROWS > 0 else chunk
+        scores = query.new_empty(sub_rows, n_items)
+        probs = query.new_empty(len(sizes), chunk, n_items)  # each size's softmax, then its H_k in its place
         total = query.new_zeros(())
         # Row slices of a contiguous E^T make the forward GEMMs faster; the copy is skipped for big catalogues.
         small = items.numel() * items.element_size() <= TRANSPOSE_BYTES
@@ -192,43 +207,48 @@ class _NestedCrossEntropy(torch.autograd.Function):
         # Per narrow block: its item columns as contiguous rows [width, items], and a d-items accumulator of
         # the same shape (transposed into grad_e at the end).
         item_rows = {k: items[:, cols].T.contiguous() for k, cols in narrow.items()}
-        # The leading blocks that take their forward SUB_ROWS rows at a time, and their item columns as rows.
-        on_cpu = query.device.type == "cpu"
-        n_sub = sum(1 for _, b in blocks if b <= SUB_COLUMNS) if on_cpu else 0
+        # The leading blocks, whose GEMMs take sub-chunks, and their item columns as rows; on a GPU, all.
+        n_sub = sum(1 for _, b in blocks if b <= SUB_COLUMNS) if on_cpu else len(blocks)
         tile = ITEM_TILE if on_cpu and ITEM_TILE < n_items else 0
         sub_cols = blocks[n_sub - 1][1] if n_sub else 0
-        sub_t = (items_t[:sub_cols] if small else _transposed(items[:, :sub_cols])) if n_sub else None
+        sub_t = _transposed(items[:, :sub_cols]) if on_cpu and n_sub and not small else items_t
         grad_e_narrow = {k: torch.zeros_like(rows) for k, rows in item_rows.items()} if want_e else {}
+        # hsrc[k]: the size whose buffer holds block k's gradient sum (a size of weight 0 shares the next
+        # size's), None for blocks no size's loss reaches. The buffers hold H_k / c, c the largest weighted
+        # size's scale; the GEMMs multiply by c (alpha), which spares a scaling pass over [rows, items].
+        hsrc, c = [None] * len(blocks), None
+        for k in reversed(range(len(blocks))):
+            if scales[k] != 0:
+                hsrc[k], c = k, scales[k] if c is None else c
+            elif k + 1 < len(blocks):
+                hsrc[k] = hsrc[k + 1]
         for r0 in range(0, n_rows, chunk):
             r1 = min(n_rows, r0 + chunk)
-            q, t, s = query[r0:r1], targets[r0:r1], scores[: r1 - r0]
-            rows = torch.arange(r1 - r0, device=query.device)
+            q, t, p_chunk = query[r0:r1], targets[r0:r1], probs[:, : r1 - r0]
             q_cols = {k: q[:, cols].contiguous() for k, cols in narrow.items()}
             q_rows = {k: cols.T.contiguous() for k, cols in q_cols.items()}
-            p_chunk = probs[:, : r1 - r0]
-            for u0 in range(0, r1 - r0 if n_sub else 0, SUB_ROWS):
-                u = slice(u0, min(r1 - r0, u0 + SUB_ROWS))
-                total += _forward_blocks(q[u], sub_t, s[u], p_chunk[:, u], t[u], blocks[:n_sub], scales)
-            total += _forward_blocks(
-                q, items_t, s, p_chunk, t, blocks, scales, first=n_sub, narrow=(q_cols, item_rows), tile=tile
-            )
+            wide = list(enumerate(blocks))[n_sub:]
+            _block_products(q, items_t, p_chunk, wide, (q_cols, item_rows), tile)
+            for u0 in range(0, r1 - r0, sub_rows):
+                u = slice(u0, min(r1 - r0, u0 + sub_rows))
+                s, p, t_u = scores[: u.stop - u0], p_chunk[:, u], t[u]
+                total += _forward_blocks(q[u], sub_t, s, p, t_u, blocks, scales, products=n_sub)
+                if not want:
+                    continue
+                # H_k / c = H_{k+1} / c + scale_k / c * (softmax_k - onehot), from the largest size down.
+                rows, above = torch.arange(s.size(0), device=s.device), None
+                for k in reversed(range(len(blocks))):
+                    if hsrc[k] == k:
+                        if above is not None:
+                            torch.add(above, p[k], alpha=scales[k] / c, out=p[k])
+                        p[k][rows, t_u] -= scales[k] / c
+                        above = p[k]
             if not want:
                 continue
-            # h = H_k / c: the sum over sizes >= k of scale / c * (softmax - onehot), built from the largest
-            # size down, c the first nonzero scale met; the GEMMs multiply by c (alpha), which spares a
-            # scaling pass over [rows, items].
-            h = c = None
-            for k in reversed(range(len(blocks))):
-                a, b = blocks[k]
-                if scales[k] != 0:
-                    p = probs[k, : r1 - r0]
-                    if h is None:
-                        h, c = p, scales[k]
-                    else:
-                        h.add_(p, alpha=scales[k] / c)
-                    h[rows, t] -= scales[k] / c
-                if h is None:
+            for k, (a, b) in enumerate(blocks):
+                if hsrc[k] is None:
                     continue
+                h = p_chunk[hsrc[k]]
                 if k in narrow:
                     if want_q:
                         grad_q[r0:r1, a:b] = torch.mm(item_rows[k], h.T).T.mul_(c)
