@@ -5,7 +5,7 @@ from ``--data_path`` (default ``../shared/datasets``) and fall back to the shipp
 
     python -m benchmarks.run [--only nested_loss,loss_alone,loss_memory,train_modes,eval_sizes,masked_linear,
         narrow_grads,compiled_softmax]
-        [--data_path=...] [--steps=20] [--out=DIR]
+        [--data_path=...] [--steps=20] [--out=DIR] [--official_code=DIR] [--compare_code=DIR]
 
 - nested_loss: the paper's D=1024 training step (1 LRU block, 32 x 50 positions, 12,101 items, 1024-d text +
   1024-d image features, 8 sizes) with the fused loss, with the fused loss without its wide blocks' forward
@@ -14,11 +14,13 @@ from ``--data_path`` (default ``../shared/datasets``) and fall back to the shipp
   [rows, items] matrix), timed with the scores GEMM in both output layouts, [rows, items] and [items, rows],
   the faster being the floor; with ``--official_code=<checkout of github.com/yueqirex/fMRLRec>``, also the
   official model code's step (its LRUModel, embedding path and loss); interleaved, medians, and the median
-  over rounds of the side-by-side ratios.
+  over rounds of the side-by-side ratios. With ``--compare_code=<another checkout of this repo>`` (for
+  example ``git worktree add /tmp/old <commit>``), also the step with that checkout's fused loss, paired
+  with ours in the same run.
 - loss_alone: the fused loss alone (no encoder) at the D=1024 step's shape and the CPU profile's, as it is,
-  without its leading blocks' forward in row sub-chunks (``SUB_COLUMNS``) and without its wide blocks'
-  forward in item tiles (``ITEM_TILE``), beside the GEMM floor loss alone; interleaved in one process,
-  medians and paired ratios.
+  without its leading blocks' GEMMs in row sub-chunks (``SUB_COLUMNS = 0``: every block's GEMM on whole
+  chunks) and without its wide blocks' forward in item tiles (``ITEM_TILE``), beside the GEMM floor loss
+  alone (and ``--compare_code``'s fused loss); interleaved in one process, medians and paired ratios.
 - narrow_grads: the two gradient products of one narrow block of the fused loss at the D=1024 step's chunk
   shape, in both orientations (the wide dimension last, or the narrow one first, as the loss takes them for
   blocks under ``NARROW_COLUMNS``), interleaved, medians.
@@ -268,6 +270,20 @@ def _gemm_floor_loss(query, items, targets, sizes, weights, chunk_size=None, ite
     return LinearLogits.apply(query, items)
 
 
+def _compared_loss(code: str | None):
+    """The fused loss of another checkout of this repo (its ``nested_loss.py``, loaded beside ours), to time
+    two versions in one run; None without ``--compare_code``."""
+    import importlib.util
+
+    if not code:
+        return None
+    path = Path(code) / "recbole_fmrl" / "model" / "layers" / "nested_loss.py"
+    spec = importlib.util.spec_from_file_location("compared_nested_loss", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.nested_cross_entropy
+
+
 def _with_constants(loss_fn, **constants):
     """``loss_fn`` with module constants of ``nested_loss`` set for each call and restored after it (the fused
     loss does all its work in the forward call)."""
@@ -377,6 +393,9 @@ def bench_nested_loss(args) -> dict:
     }
     if args.official_code:
         variants["official"] = _official_step(args.official_code)
+    compared = _compared_loss(getattr(args, "compare_code", None))
+    if compared:
+        variants["fused_compared"] = _paper_step(compared)
     times = _interleaved_times(variants, args.repeats + 2)
     med = {name: statistics.median(t) for name, t in times.items()}
     floor = min(("gemm_floor", "gemm_floor_items_major"), key=med.get)  # the floor is the faster layout
@@ -398,10 +417,17 @@ def bench_nested_loss(args) -> dict:
     if "official" in med:
         out["official_over_fused"] = med["official"] / med["fused"]
         out["paired"]["official_over_fused"] = _paired_ratio(times, "official", "fused")
+    if compared:
+        out["compared_code"] = str(Path(args.compare_code).resolve())
+        out["compared_over_gemm_floor"] = med["fused_compared"] / med[floor]
+        out["paired"]["compared_over_gemm_floor"] = _paired_ratio(times, "fused_compared", floor)
+        out["paired"]["compared_over_fused"] = _paired_ratio(times, "fused_compared", "fused")
     return out
 
 
-def _loss_alone_steps(dim: int, sizes: list[int], rows: int = 1600, n_items: int = 12_101) -> dict:
+def _loss_alone_steps(
+    dim: int, sizes: list[int], rows: int = 1600, n_items: int = 12_101, compared=None
+) -> dict:
     """Steps of the loss alone on random rows and items (see ``bench_loss_alone``)."""
     import torch
 
@@ -421,13 +447,16 @@ def _loss_alone_steps(dim: int, sizes: list[int], rows: int = 1600, n_items: int
         return run
 
     fused = nested_loss.nested_cross_entropy
-    return {
+    steps = {
         "fused": step(fused),
         "fused_no_sub_rows": step(_with_constants(fused, SUB_COLUMNS=0)),
         "fused_no_item_tiles": step(_with_constants(fused, ITEM_TILE=0)),
         "gemm_floor": step(_gemm_floor_loss),
         "gemm_floor_items_major": step(_gemm_floor_loss, items_major=True),
     }
+    if compared:
+        steps["fused_compared"] = step(compared)
+    return steps
 
 
 def bench_loss_alone(args) -> dict:
@@ -439,8 +468,9 @@ def bench_loss_alone(args) -> dict:
     import statistics
 
     out = {}
+    compared = _compared_loss(getattr(args, "compare_code", None))
     for dim, sizes in ((1024, [8 * 2**k for k in range(8)]), (256, [8, 16, 32, 64, 128, 256])):
-        times = _interleaved_times(_loss_alone_steps(dim, sizes), args.repeats + 2)
+        times = _interleaved_times(_loss_alone_steps(dim, sizes, compared=compared), args.repeats + 2)
         med = {name: statistics.median(t) for name, t in times.items()}
         floor = min(("gemm_floor", "gemm_floor_items_major"), key=med.get)
         out[f"D{dim}"] = {
@@ -456,6 +486,10 @@ def bench_loss_alone(args) -> dict:
             },
             "times_s": times,
         }
+        if compared:
+            paired = out[f"D{dim}"]["paired"]
+            paired["compared_over_fused"] = _paired_ratio(times, "fused_compared", "fused")
+            paired["compared_over_gemm_floor"] = _paired_ratio(times, "fused_compared", floor)
     return out
 
 
@@ -684,6 +718,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a checkout of github.com/yueqirex/fMRLRec: nested_loss also times its model code's step",
     )
+    parser.add_argument(
+        "--compare_code",
+        default=None,
+        help="another checkout of this repo (git worktree add DIR <commit>): nested_loss and loss_alone also "
+        "time its fused loss, paired with this one's",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -696,6 +736,14 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"--official_code={args.official_code}: no model/lru.py there; pass the folder of a checkout of "
             "github.com/yueqirex/fMRLRec, or leave the option out.",
+            file=sys.stderr,
+        )
+        return 2
+    compared = Path(args.compare_code or ".") / "recbole_fmrl" / "model" / "layers" / "nested_loss.py"
+    if args.compare_code and not compared.is_file():
+        print(
+            f"--compare_code={args.compare_code}: no recbole_fmrl/model/layers/nested_loss.py there; pass the "
+            "folder of another checkout of this repo (git worktree add DIR <commit>), or leave the option out.",
             file=sys.stderr,
         )
         return 2
@@ -714,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.official_code:
             cmd.append(f"--official_code={Path(args.official_code).resolve()}")
+        if args.compare_code:
+            cmd.append(f"--compare_code={Path(args.compare_code).resolve()}")
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         if proc.returncode != 0:
             print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)

@@ -632,6 +632,48 @@ def test_loss_alone_times_the_fused_loss_with_and_without_sub_rows_and_item_tile
     steps["gemm_floor"]()
 
 
+def test_compare_code_times_another_checkouts_fused_loss_in_the_same_run(tmp_path, monkeypatch, capsys):
+    import functools
+    import shutil
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks import run
+    from recbole_fmrl.model.layers import nested_loss
+
+    other = tmp_path / "old"
+    (other / "recbole_fmrl" / "model" / "layers").mkdir(parents=True)
+    shutil.copy(nested_loss.__file__, other / "recbole_fmrl" / "model" / "layers" / "nested_loss.py")
+    compared = run._compared_loss(str(other))
+    assert compared is not nested_loss.nested_cross_entropy  # loaded from the other checkout
+    assert run._compared_loss(None) is None
+    query, items = torch.randn(6, 16), torch.randn(9, 16)
+    targets, weights = torch.randint(0, 9, (6,)), torch.full((3,), 1 / 3)
+    torch.testing.assert_close(
+        compared(query, items, targets, [4, 8, 16], weights),
+        nested_loss.nested_cross_entropy(query, items, targets, [4, 8, 16], weights),
+    )
+    steps = run._loss_alone_steps(16, [4, 8, 16], rows=10, n_items=30, compared=compared)
+    assert "fused_compared" in steps
+    steps["fused_compared"]()
+
+    def fake_step(loss_fn):
+        if isinstance(loss_fn, functools.partial):
+            return lambda: time.sleep(0.002)
+        return lambda: time.sleep(0.03 if loss_fn is compared else 0.01)
+
+    monkeypatch.setattr(run, "_paper_step", fake_step)
+    monkeypatch.setattr(run, "_compared_loss", lambda code: compared if code else None)
+    out = run.bench_nested_loss(SimpleNamespace(repeats=1, official_code=None, compare_code=str(other)))
+    assert out["paired"]["compared_over_fused"] > 1 and out["compared_over_gemm_floor"] > 1
+    assert out["compared_code"] == str(other.resolve())
+    # A folder that is not a checkout of this repo is refused before anything runs.
+    assert run.main(["--only=nested_loss", f"--compare_code={tmp_path / 'nothing'}"]) == 2
+    assert "--compare_code=" in capsys.readouterr().err
+
+
 def test_compiled_softmax_times_aten_and_inductor_on_the_same_scores(monkeypatch):
     from types import SimpleNamespace
 
