@@ -189,20 +189,31 @@ def test_second_backward_is_a_clear_error():
 
 
 @pytest.mark.parametrize(
-    ("transpose_rows", "sub_columns"), [(7, nested_loss.SUB_COLUMNS), (nested_loss.TRANSPOSE_ROWS, 0)]
+    ("transpose_bytes", "transpose_rows", "sub_columns", "copied"),
+    [
+        (4000, 7, 16, True),
+        (0, nested_loss.TRANSPOSE_ROWS, 16, False),
+        (0, nested_loss.TRANSPOSE_ROWS, 0, False),
+    ],
 )
 def test_large_item_matrices_skip_the_transposed_copy_and_match_the_reference(
-    monkeypatch, transpose_rows, sub_columns
+    monkeypatch, transpose_bytes, transpose_rows, sub_columns, copied
 ):
-    monkeypatch.setattr(nested_loss, "TRANSPOSE_BYTES", 0)  # every item matrix counts as large here
-    # the leading blocks' item columns are then copied transposed, transpose_rows items at a time (none
-    # without row sub-chunks)
+    # The item matrix (50 x 24 floats, 4,800 bytes) counts as large; its leading blocks' columns (16 of them,
+    # 3,200 bytes) are then copied transposed, transpose_rows items at a time, when that copy is within
+    # TRANSPOSE_BYTES, and not at all when it is not (it would be a second item matrix) or without row
+    # sub-chunks.
+    monkeypatch.setattr(nested_loss, "TRANSPOSE_BYTES", transpose_bytes)
     monkeypatch.setattr(nested_loss, "TRANSPOSE_ROWS", transpose_rows)
     monkeypatch.setattr(nested_loss, "SUB_COLUMNS", sub_columns)
+    calls = []
+    transposed = nested_loss._transposed
+    monkeypatch.setattr(nested_loss, "_transposed", lambda x: calls.append(x.shape) or transposed(x))
     torch.manual_seed(1)
     query, items = torch.randn(20, 24, requires_grad=True), torch.randn(50, 24, requires_grad=True)
     targets, sizes, weights = torch.randint(0, 50, (20,)), [8, 16, 24], torch.tensor([0.2, 0.3, 0.5])
     nested_cross_entropy(query, items, targets, sizes, weights, chunk_size=6).backward()
+    assert calls == ([(50, 16)] if copied else [])
     grads = query.grad.clone(), items.grad.clone()
     query.grad = items.grad = None
     nested_cross_entropy_reference(query, items, targets, sizes, weights).backward()

@@ -24,7 +24,10 @@ CHUNK_BYTES = 128 * 2**20  # scratch of the fused loss: (K + 1) buffers of [chun
 MIN_CHUNK, MAX_CHUNK = 16, 1024
 # Item matrices up to this size are transposed once for faster forward GEMMs. Above it the copy costs more
 # than it saves: at D=1024 on 12,101 items (50 MB) the step was as fast or faster without it (interleaved
-# 2-thread comparisons; the benchmark's own runs do not separate the two).
+# 2-thread comparisons; the benchmark's own runs do not separate the two). A larger matrix still gets its
+# leading blocks' columns copied transposed when that copy is within this size (12 MB at D=1024 on 12,101
+# items); above it the copy would be a second item matrix (100 MB at D=256 on 100,000 items, which broke the
+# memory goal: ``python -m benchmarks.run --only loss_memory``).
 TRANSPOSE_BYTES = 16 * 2**20
 # Blocks narrower than this get contiguous copies of their operands, and their gradient products are taken
 # with the narrow side first ([width, items] x [items, rows], [width, rows] x [rows, items]). On this
@@ -211,7 +214,8 @@ class _NestedCrossEntropy(torch.autograd.Function):
         n_sub = sum(1 for _, b in blocks if b <= SUB_COLUMNS) if on_cpu else len(blocks)
         tile = ITEM_TILE if on_cpu and ITEM_TILE < n_items else 0
         sub_cols = blocks[n_sub - 1][1] if n_sub else 0
-        sub_t = _transposed(items[:, :sub_cols]) if on_cpu and n_sub and not small else items_t
+        lead_small = items.size(0) * sub_cols * items.element_size() <= TRANSPOSE_BYTES
+        sub_t = _transposed(items[:, :sub_cols]) if on_cpu and n_sub and lead_small and not small else items_t
         grad_e_narrow = {k: torch.zeros_like(rows) for k, rows in item_rows.items()} if want_e else {}
         # hsrc[k]: the size whose buffer holds block k's gradient sum (a size of weight 0 shares the next
         # size's), None for blocks no size's loss reaches. The buffers hold H_k / c, c the largest weighted
